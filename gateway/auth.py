@@ -1,0 +1,133 @@
+"""Authorization header → Identity, or an AuthError with a reason.
+
+The order is cheapest first: parse the header, check the token's checksum (a random or
+mistyped string stops here, touching neither cache nor database), then the cache, then one
+indexed query shared by every concurrent request for the same token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway import store
+from gateway.cache import IdentityCache
+from gateway.errors import (
+    AuthError,
+    DatabaseUnavailable,
+    MalformedToken,
+    MissingToken,
+    OwnerInactive,
+    TokenExpired,
+    TokenRevoked,
+    UnknownToken,
+)
+from gateway.policy import effective_permissions, header_value
+from gateway.store import TokenRow
+from gateway.tokens import TokenFormat
+
+Failure = type[AuthError]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a valid token speaks for, with its header values computed once per cache fill."""
+
+    token_id: str
+    user_id: str
+    company_id: str
+    role: str
+    permissions: frozenset[str]
+    permissions_header: str
+    expires_at: datetime | None
+    expires_header: str | None
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise MissingToken()
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise MalformedToken()
+    return value.strip()
+
+
+def failure_of(row: TokenRow | None, now: datetime) -> Failure | None:
+    """Why a stored token may not be used now, or None when it may."""
+    if row is None:
+        return UnknownToken
+    if row.revoked_at is not None:
+        return TokenRevoked
+    if row.expires_at is not None and row.expires_at <= now:
+        return TokenExpired
+    if row.owner_status != "active":
+        return OwnerInactive
+    return None
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def identity_of(row: TokenRow, roles: Mapping[str, frozenset[str]]) -> Identity:
+    scopes = frozenset(row.scopes) if row.scopes is not None else None
+    permissions = effective_permissions(scopes, roles.get(row.owner_role, frozenset()))
+    return Identity(
+        token_id=str(row.id),
+        user_id=row.user_id,
+        company_id=row.company_id,
+        role=row.role or row.owner_role,
+        permissions=permissions,
+        permissions_header=header_value(permissions),
+        expires_at=row.expires_at,
+        expires_header=rfc3339(row.expires_at) if row.expires_at is not None else None,
+    )
+
+
+class Authenticator:
+    def __init__(
+        self,
+        token_format: TokenFormat,
+        cache: IdentityCache[Identity, Failure],
+        pool: Any,
+        roles: Mapping[str, frozenset[str]],
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.token_format = token_format
+        self.cache = cache
+        self.pool = pool
+        self.roles = roles
+        self.now = now
+
+    async def authenticate(self, authorization: str | None) -> Identity:
+        token = bearer_token(authorization)
+        self.token_format.check(token)
+        digests = self.token_format.digests(token)
+        key = digests[0]
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = await self.cache.get_or_load(key, lambda: self._load(key, digests))
+        if isinstance(cached, Identity):
+            return cached
+        raise cached()
+
+    async def _load(self, key: bytes, digests: tuple[bytes, ...]) -> Identity | Failure:
+        try:
+            row = await store.find_token_by_digest(self.pool, digests)
+        except store.UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable() from exc
+        now = self.now()
+        failure = failure_of(row, now)
+        if failure is not None or row is None:
+            failure = failure or UnknownToken
+            self.cache.put_negative(key, failure)
+            return failure
+        identity = identity_of(row, self.roles)
+        lifetime = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
+        self.cache.put(
+            key, identity, token_id=identity.token_id, user_id=row.user_id, lifetime=lifetime
+        )
+        return identity

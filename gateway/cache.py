@@ -1,0 +1,155 @@
+"""The in-process identity cache, keyed by token digest (never by plaintext).
+
+- Positive entries live ``min(ttl, time until the token expires)``.
+- Negative entries (unknown, revoked, expired, owner inactive) live ``negative_ttl`` in a
+  separate, smaller table, so a flood of bad tokens cannot evict good ones.
+- Concurrent misses for one digest share one load (single-flight).
+- Entries can be dropped by token id or by user id (revocation, role change).
+
+Eviction when full is oldest-inserted first: dicts keep insertion order, so that is one
+``next(iter(...))`` and no per-hit bookkeeping on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+N = TypeVar("N")
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    negative_hits: int = 0
+    coalesced: int = 0
+    loads: int = 0
+
+
+class IdentityCache(Generic[V, N]):
+    """``V`` is the positive value (an identity), ``N`` the remembered failure."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        negative_ttl: float,
+        max_entries: int,
+        negative_max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self.negative_max_entries = negative_max_entries
+        self.clock = clock
+        self.stats = CacheStats()
+        self._positive: dict[bytes, tuple[float, V, str, str]] = {}
+        self._negative: dict[bytes, tuple[float, N]] = {}
+        self._by_token: dict[str, bytes] = {}
+        self._by_user: dict[str, set[bytes]] = {}
+        self._inflight: dict[bytes, asyncio.Future[V | N]] = {}
+
+    def __len__(self) -> int:
+        return len(self._positive)
+
+    def get(self, key: bytes) -> V | N | None:
+        entry = self._positive.get(key)
+        if entry is not None:
+            if entry[0] > self.clock():
+                self.stats.hits += 1
+                return entry[1]
+            self._drop(key)
+        negative = self._negative.get(key)
+        if negative is not None:
+            if negative[0] > self.clock():
+                self.stats.negative_hits += 1
+                return negative[1]
+            del self._negative[key]
+        return None
+
+    def put(
+        self, key: bytes, value: V, *, token_id: str, user_id: str, lifetime: float | None = None
+    ) -> None:
+        """Remember ``value``; ``lifetime`` (seconds until the token expires) caps the ttl."""
+        ttl = self.ttl if lifetime is None else min(self.ttl, lifetime)
+        if ttl <= 0:
+            return
+        self._negative.pop(key, None)
+        if key in self._positive:
+            self._drop(key)
+        elif len(self._positive) >= self.max_entries:
+            self._drop(next(iter(self._positive)))
+        self._positive[key] = (self.clock() + ttl, value, token_id, user_id)
+        self._by_token[token_id] = key
+        self._by_user.setdefault(user_id, set()).add(key)
+
+    def put_negative(self, key: bytes, failure: N) -> None:
+        if self.negative_ttl <= 0:
+            return
+        self._negative.pop(key, None)
+        if len(self._negative) >= self.negative_max_entries:
+            del self._negative[next(iter(self._negative))]
+        self._negative[key] = (self.clock() + self.negative_ttl, failure)
+
+    async def get_or_load(self, key: bytes, load: Callable[[], Awaitable[V | N]]) -> V | N:
+        """The cached value, or the result of ``load()``; concurrent callers share one load.
+
+        ``load`` stores what it found (it knows the token and user ids); an exception it
+        raises reaches every waiter and nothing is cached.
+        """
+        cached = self.get(key)
+        if cached is not None:
+            return cached
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.stats.coalesced += 1
+            return await asyncio.shield(pending)
+        self.stats.misses += 1
+        self.stats.loads += 1
+        future: asyncio.Future[V | N] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await load()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters may be none
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    def drop_token(self, token_id: str) -> None:
+        key = self._by_token.get(token_id)
+        if key is not None:
+            self._drop(key)
+
+    def drop_user(self, user_id: str) -> None:
+        for key in list(self._by_user.get(user_id, ())):
+            self._drop(key)
+
+    def clear(self) -> None:
+        self._positive.clear()
+        self._negative.clear()
+        self._by_token.clear()
+        self._by_user.clear()
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._positive.pop(key, None)
+        if entry is None:
+            return
+        _, _, token_id, user_id = entry
+        if self._by_token.get(token_id) == key:
+            del self._by_token[token_id]
+        keys = self._by_user.get(user_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_user[user_id]

@@ -1,0 +1,303 @@
+"""Header hygiene (SPEC §4): strip what a client could spoof or that is hop-by-hop, then the
+forwarder injects its own identity and ``X-Forwarded-*`` headers.
+
+Header names are compared *normalized*: lower-cased with ``_`` turned into ``-``, because
+many backends (CGI/WSGI, nginx with ``underscores_in_headers``) fold ``X_Auth_User_Id`` into
+the same variable as ``X-Auth-User-Id``.
+
+Pure functions over multidicts; the names to strip are compiled once into a ``HeaderPolicy``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDict, MultiMapping
+
+from gateway.config import IdentityHeaders, IPNetwork
+
+__all__ = [
+    "FORWARDING",
+    "HOP_BY_HOP",
+    "HeaderPolicy",
+    "HeaderSource",
+    "clean_request_headers",
+    "clean_response_headers",
+    "client_ip",
+    "forwarded_headers",
+    "is_hop_by_hop",
+    "is_trusted",
+    "is_websocket_upgrade",
+    "normalize_name",
+]
+
+# Anything that yields (name, value) pairs: aiohttp's request.headers, a CIMultiDict, a list.
+HeaderSource = Mapping[str, str] | Iterable[tuple[str, str]]
+
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Client-supplied forwarding information: the forwarder sets its own (see forwarded_headers).
+# Beyond X-Forwarded-For/-Proto/-Host and Forwarded, every other X-Forwarded-* (-Port,
+# -Prefix, -Client-Cert, ...) and X-Real-IP go too: backends trust them just the same.
+FORWARDING: frozenset[str] = frozenset({"forwarded", "x-real-ip"})
+_FORWARDING_PREFIX = "x-forwarded-"
+_SPOOFABLE_PREFIX = "x-auth-"
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def normalize_name(name: str) -> str:
+    """``X_Auth_User`` → ``x-auth-user``: the form every comparison here uses."""
+    return name.lower().replace("_", "-")
+
+
+def is_hop_by_hop(normalized: str) -> bool:
+    return normalized in HOP_BY_HOP or normalized.startswith("proxy-")
+
+
+def _items(headers: HeaderSource) -> Iterable[tuple[str, str]]:
+    if isinstance(headers, Mapping):
+        return headers.items()
+    return headers
+
+
+def _connection_tokens(values: Iterable[str]) -> set[str]:
+    """The normalized names nominated by ``Connection`` values (comma lists, empties skipped)."""
+    tokens: set[str] = set()
+    for value in values:
+        for token in value.split(","):
+            token = token.strip(" \t")
+            if token:
+                tokens.add(normalize_name(token))
+    return tokens
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """What to strip as spoofable, compiled once from the configured identity header names.
+
+    Spoofable: every configured identity header except the request id, and any name starting
+    with ``x-auth-``. The request id is not spoofable: a sane client value is kept.
+    """
+
+    identity: IdentityHeaders = field(default_factory=IdentityHeaders)
+    spoofable: frozenset[str] = field(init=False)
+    request_id_name: str = field(init=False)  # normalized
+    _always_drop: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        identity = self.identity
+        names = (
+            identity.user_id,
+            identity.company_id,
+            identity.token_id,
+            identity.role,
+            identity.permissions,
+        )
+        spoofable = frozenset(normalize_name(name) for name in names)
+        object.__setattr__(self, "spoofable", spoofable)
+        object.__setattr__(self, "request_id_name", normalize_name(identity.request_id))
+        object.__setattr__(
+            self, "_always_drop", spoofable | HOP_BY_HOP | FORWARDING | frozenset({"host"})
+        )
+
+    def is_spoofable(self, normalized: str) -> bool:
+        return normalized in self.spoofable or normalized.startswith(_SPOOFABLE_PREFIX)
+
+    def request_id(self, headers: HeaderSource) -> str | None:
+        """The client's request id if sane (1-128 of ``[A-Za-z0-9._:@/+=-]``), else None.
+
+        Only the first header spelled exactly as configured (any case, no ``_`` variant) counts.
+        """
+        wanted = self.request_id_name
+        for name, value in _items(headers):
+            if name.lower() == wanted:
+                return value if _SANE_REQUEST_ID.fullmatch(value) else None
+        return None
+
+
+def is_websocket_upgrade(headers: HeaderSource) -> bool:
+    """A WebSocket handshake: ``Connection`` nominates ``upgrade`` and there is exactly one
+    ``Upgrade`` header, whose value is ``websocket`` (any case). Anything else (``h2c``,
+    several protocols) is not proxied as an upgrade.
+    """
+    connection: list[str] = []
+    upgrade: list[str] = []
+    for name, value in _items(headers):
+        normalized = normalize_name(name)
+        if normalized == "connection":
+            connection.append(value)
+        elif normalized == "upgrade":
+            upgrade.append(value)
+    return (
+        len(upgrade) == 1
+        and upgrade[0].strip(" \t").lower() == "websocket"
+        and "upgrade" in _connection_tokens(connection)
+    )
+
+
+def clean_request_headers(
+    headers: HeaderSource,
+    policy: HeaderPolicy,
+    *,
+    websocket: bool,
+    keep_authorization: bool,
+    remove: Iterable[str] = (),
+) -> CIMultiDict[str]:
+    """A new header set for the upstream request, the client's order and duplicates kept.
+
+    Removed: spoofable names (see ``HeaderPolicy``); hop-by-hop headers (any ``proxy-*``
+    included) and every name any ``Connection`` header nominates; ``Host``; ``Forwarded``,
+    ``X-Real-IP`` and every ``X-Forwarded-*``; ``Authorization`` unless ``keep_authorization``;
+    the names in ``remove``; request-id headers other than the first sane one spelled as
+    configured. With ``websocket`` (the route proxies WebSockets) and a WebSocket handshake
+    (``is_websocket_upgrade``), ``Upgrade: websocket`` is kept and ``Connection: Upgrade`` set.
+    """
+    items = list(_items(headers))
+    nominated = _connection_tokens(
+        value for name, value in items if normalize_name(name) == "connection"
+    )
+    upgrade = websocket and "upgrade" in nominated and is_websocket_upgrade(items)
+    drop = policy._always_drop
+    extra = {normalize_name(name) for name in remove}
+    rid_name = policy.request_id_name
+    rid_kept = False
+
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        normalized = normalize_name(name)
+        if normalized in drop or normalized.startswith("proxy-"):
+            if not (upgrade and normalized == "upgrade"):
+                continue
+        elif normalized in nominated or normalized in extra:
+            continue
+        elif normalized == rid_name:
+            if rid_kept or name.lower() != rid_name or not _SANE_REQUEST_ID.fullmatch(value):
+                continue
+            rid_kept = True
+        elif (
+            normalized.startswith(_SPOOFABLE_PREFIX)
+            or normalized.startswith(_FORWARDING_PREFIX)
+            or (normalized == "authorization" and not keep_authorization)
+        ):
+            continue
+        out.add(name, value)
+    if upgrade:
+        out.add("Connection", "Upgrade")
+    return out
+
+
+def clean_response_headers(headers: HeaderSource) -> CIMultiDict[str]:
+    """An upstream response's headers without hop-by-hop and ``Connection``-nominated ones.
+
+    ``Content-Length`` stays; ``Transfer-Encoding`` goes (the server re-frames the body).
+    """
+    items = list(_items(headers))
+    nominated = _connection_tokens(
+        value for name, value in items if normalize_name(name) == "connection"
+    )
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        normalized = normalize_name(name)
+        if is_hop_by_hop(normalized) or normalized in nominated:
+            continue
+        out.add(name, value)
+    return out
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, trusted: tuple[IPNetwork, ...]
+) -> bool:
+    return any(address in network for network in trusted)
+
+
+def is_trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    """Whether the socket peer is one of ``trusted_proxies``."""
+    if not trusted:
+        return False
+    address = _parse_ip(peer)
+    return address is not None and _trusted(address, trusted)
+
+
+def client_ip(peer: str, forwarded_for: Sequence[str], trusted: tuple[IPNetwork, ...]) -> str:
+    """The client's address: the socket ``peer``, unless the peer is a trusted proxy.
+
+    Then the ``X-Forwarded-For`` values (all of them, in order, comma lists joined) are
+    walked from right to left, skipping trusted addresses; the first untrusted one is the
+    client. Strict: an entry that is not a bare IP address (garbage, a port, brackets) ends
+    the walk, and the last trusted hop seen is returned, since nothing left of it can be
+    believed. Empty list elements are skipped. If every entry is trusted, the left-most wins.
+    IPv4-mapped IPv6 addresses are compared as IPv4. Addresses from the list are returned in
+    their canonical text form.
+    """
+    if not trusted:
+        return peer
+    address = _parse_ip(peer)
+    if address is None or not _trusted(address, trusted):
+        return peer
+    last = peer
+    for value in reversed(forwarded_for):
+        for entry in reversed(value.split(",")):
+            entry = entry.strip(" \t")
+            if not entry:
+                continue
+            address = _parse_ip(entry)
+            if address is None:
+                return last
+            if not _trusted(address, trusted):
+                return str(address)
+            last = str(address)
+    return last
+
+
+def forwarded_headers(
+    request_headers: MultiMapping[str], *, peer: str, proto: str, host: str, trusted_peer: bool
+) -> list[tuple[str, str]]:
+    """The ``X-Forwarded-*`` headers to send upstream (``clean_request_headers`` removed the
+    client's).
+
+    - ``X-Forwarded-For``: the socket ``peer`` appended to the incoming chain when the peer is
+      a trusted proxy; just the peer otherwise (an untrusted client's chain is dropped).
+    - ``X-Forwarded-Proto`` / ``X-Forwarded-Host``: a trusted peer's own values when it sent
+      them (the first of each), else what the gateway saw (``proto``, the ``host`` header).
+    """
+    chain = peer
+    forwarded_proto = proto
+    forwarded_host = host
+    if trusted_peer:
+        prior = [v.strip(" \t,") for v in request_headers.getall("X-Forwarded-For", ())]
+        prior = [v for v in prior if v]
+        if prior:
+            chain = ", ".join([*prior, peer])
+        forwarded_proto = request_headers.get("X-Forwarded-Proto") or proto
+        forwarded_host = request_headers.get("X-Forwarded-Host") or host
+    return [
+        ("X-Forwarded-For", chain),
+        ("X-Forwarded-Proto", forwarded_proto),
+        ("X-Forwarded-Host", forwarded_host),
+    ]

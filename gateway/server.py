@@ -1,0 +1,89 @@
+"""Running the gateway: both listeners, signals, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from gateway import store
+from gateway.app import create_admin_app, create_app
+from gateway.config import Config, Listen
+
+SHUTDOWN_GRACE = 20.0
+
+
+def run_async(main: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every POSIX system
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def bound_url(site: web.TCPSite) -> str:
+    server = site._server  # aiohttp keeps the asyncio server here; it knows the real port
+    sockets = getattr(server, "sockets", None)  # asyncio's and uvloop's Server both have it
+    if not sockets:
+        return site.name
+    host, port = sockets[0].getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a URL one can open here
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+async def start_site(runner: web.AppRunner, listen: Listen, *, reuse_port: bool) -> web.TCPSite:
+    site = web.TCPSite(
+        runner,
+        listen.host,
+        listen.port,
+        reuse_port=reuse_port or None,
+        shutdown_timeout=SHUTDOWN_GRACE,
+    )
+    await site.start()
+    return site
+
+
+async def serve(
+    cfg: Config,
+    database_url: str,
+    *,
+    migrate: bool = False,
+    reuse_port: bool = False,
+    started: Callable[[str, str], Awaitable[None] | None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT; ``started(main_url, admin_url)`` once listening."""
+    if migrate:
+        async with store.connect(database_url) as conn:
+            applied = await store.migrate(conn)
+        if applied:
+            print(f"patgate: applied migrations {', '.join(applied)}", file=sys.stderr)
+    app = create_app(cfg, database_url)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await admin_runner.setup()
+        site = await start_site(runner, cfg.listen, reuse_port=reuse_port)
+        admin_site = await start_site(admin_runner, cfg.admin_listen, reuse_port=reuse_port)
+        main_url, admin_url = bound_url(site), bound_url(admin_site)
+        print(f"patgate: listening on {main_url} (admin {admin_url})", file=sys.stderr, flush=True)
+        if started is not None:
+            result = started(main_url, admin_url)
+            if result is not None:
+                await result
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("patgate: stopping", file=sys.stderr, flush=True)
+    finally:
+        await admin_runner.cleanup()
+        await runner.cleanup()
