@@ -22,6 +22,7 @@ from gateway.errors import (
     PROBLEM_JSON,
     AuthError,
     BadRequest,
+    DatabaseUnavailable,
     Forbidden,
     NotFound,
     PatgateError,
@@ -56,13 +57,16 @@ def problem_response(error: PatgateError, request_id: str, names_request_id: str
 
 
 async def create_pool(url: str, cfg: Config) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        url,
-        min_size=cfg.database.pool.min,
-        max_size=cfg.database.pool.max,
-        timeout=5,
-        command_timeout=5,
-    )
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=cfg.database.pool.min,
+            max_size=cfg.database.pool.max,
+            timeout=5,
+            command_timeout=5,
+        )
+    except store.UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc or type(exc).__name__}") from exc
     assert pool is not None
     return pool
 
@@ -99,7 +103,10 @@ class GatewayHandler:
             url = routes.upstream_url(route, path, query)
             return await app[FORWARDER].forward(request, route, url, identity, request_id)
         except AuthError as error:
-            log.info("auth refused: %s (request %s)", error.reason, request_id)
+            log.info(
+                "token refused",
+                extra={"fields": {"reason": error.reason, "request_id": request_id}},
+            )
             return problem_response(error, request_id, self.names.request_id)
         except PatgateError as error:
             return problem_response(error, request_id, self.names.request_id)

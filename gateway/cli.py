@@ -323,7 +323,7 @@ async def _migrate(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from gateway.server import run_async, serve
+    from gateway.server import run_async, serve, serve_workers  # keeps `--help` fast
 
     cfg = load_config(args.config)
     handler = args.handler
@@ -337,7 +337,12 @@ def dispatch(args: argparse.Namespace) -> int:
         run_async(_migrate(args, cfg))
     elif handler == "serve":
         url, is_embedded = _database_url(cfg, args)
-        run_async(serve(cfg, url, migrate=args.migrate or is_embedded, reuse_port=args.workers > 1))
+        migrate = args.migrate or is_embedded
+        if args.workers < 1:
+            raise ConfigError(["--workers: expected a number of processes, 1 or more"])
+        if args.workers > 1:
+            return serve_workers(cfg, url, args.workers, migrate=migrate)
+        run_async(serve(cfg, url, migrate=migrate))
     else:
         run_async(_run_command(args, cfg))
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -10,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import store
+from gateway import logs, store
 from gateway.app import create_admin_app, create_app
 from gateway.config import Config, Listen
 
@@ -59,11 +61,9 @@ async def serve(
     started: Callable[[str, str], Awaitable[None] | None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; ``started(main_url, admin_url)`` once listening."""
+    logs.configure(cfg.logging.level)
     if migrate:
-        async with store.connect(database_url) as conn:
-            applied = await store.migrate(conn)
-        if applied:
-            print(f"patgate: applied migrations {', '.join(applied)}", file=sys.stderr)
+        await _migrate(database_url)
     app = create_app(cfg, database_url)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
@@ -87,3 +87,45 @@ async def serve(
     finally:
         await admin_runner.cleanup()
         await runner.cleanup()
+
+
+def serve_workers(cfg: Config, database_url: str, workers: int, *, migrate: bool) -> int:
+    """``--workers N``: N forked processes sharing the listening ports (SO_REUSEPORT).
+
+    The parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits with
+    the worst of their exit codes. Each worker has its own cache and pool; they share
+    nothing but PostgreSQL.
+    """
+    if migrate:
+        run_async(_migrate(database_url))
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                run_async(serve(cfg, database_url, reuse_port=True))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    return worst
+
+
+async def _migrate(database_url: str) -> None:
+    async with store.connect(database_url) as conn:
+        applied = await store.migrate(conn)
+    if applied:
+        print(f"patgate: applied migrations {', '.join(applied)}", file=sys.stderr)

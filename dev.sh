@@ -1,0 +1,40 @@
+#!/bin/sh
+# The README's two commands. Needs nothing but python3 (3.11 or newer):
+#   ./dev.sh demo            run `patgate demo` (embedded PostgreSQL, echo upstream, seeded tokens)
+#   ./dev.sh test [ARGS]     lint, type-check and run the whole test suite (ARGS go to pytest)
+# Each creates .venv on first use and installs what it needs into it.
+set -eu
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "dev.sh: patgate needs Python 3.11 or newer ($PYTHON is $("$PYTHON" -V 2>&1))" >&2
+    exit 2
+}
+
+install() {
+    if [ ! -x .venv/bin/python ]; then
+        "$PYTHON" -m venv .venv
+    fi
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$1]"
+}
+
+case "${1:-}" in
+demo)
+    shift
+    install embedded
+    exec .venv/bin/patgate demo "$@"
+    ;;
+test)
+    shift
+    install test
+    .venv/bin/ruff check gateway tests
+    .venv/bin/ruff format --check gateway tests
+    .venv/bin/mypy
+    exec .venv/bin/pytest "$@"
+    ;;
+*)
+    echo "usage: ./dev.sh demo | ./dev.sh test [pytest arguments]" >&2
+    exit 2
+    ;;
+esac
