@@ -101,30 +101,22 @@ class IdentityCache(Generic[V, N]):
         """The cached value, or the result of ``load()``; concurrent callers share one load.
 
         ``load`` stores what it found (it knows the token and user ids); an exception it
-        raises reaches every waiter and nothing is cached.
+        raises reaches every waiter and nothing is cached. The load runs as its own task, so
+        a caller that goes away (a client disconnect) does not cancel it for the others.
         """
         cached = self.get(key)
         if cached is not None:
             return cached
         pending = self._inflight.get(key)
-        if pending is not None:
-            self.stats.coalesced += 1
-            return await asyncio.shield(pending)
-        self.stats.misses += 1
-        self.stats.loads += 1
-        future: asyncio.Future[V | N] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await load()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters may be none
-            raise
+        if pending is None:
+            self.stats.misses += 1
+            self.stats.loads += 1
+            pending = asyncio.ensure_future(load())
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
         else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[key]
+            self.stats.coalesced += 1
+        return await asyncio.shield(pending)
 
     def drop_token(self, token_id: str) -> None:
         key = self._by_token.get(token_id)

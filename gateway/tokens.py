@@ -73,10 +73,10 @@ class TokenFormat:
         """Prefix, length, alphabet and checksum: everything that can be checked without state."""
         if len(value) != self._length or not value.startswith(self.prefix):
             return False
-        body = value[len(self.prefix) : -CHECKSUM_LENGTH]
-        if not _BASE62_SET.issuperset(body):
+        if not _BASE62_SET.issuperset(value[len(self.prefix) :]):  # body and checksum
             return False
-        return hmac.compare_digest(value[-CHECKSUM_LENGTH:], checksum(value[:-CHECKSUM_LENGTH]))
+        expected = checksum(value[:-CHECKSUM_LENGTH])
+        return hmac.compare_digest(value[-CHECKSUM_LENGTH:], expected)
 
     def check(self, value: str) -> None:
         if not self.is_well_formed(value):
