@@ -58,7 +58,7 @@ def failure_of(row: TokenRow | None, now: datetime) -> Failure | None:
     """Why a stored token may not be used now, or None when it may."""
     if row is None:
         return UnknownToken
-    if row.revoked_at is not None:
+    if row.revoked_at is not None and row.revoked_at <= now:  # later: a rotation's grace
         return TokenRevoked
     if row.expires_at is not None and row.expires_at <= now:
         return TokenExpired
@@ -126,7 +126,8 @@ class Authenticator:
             self.cache.put_negative(key, failure)
             return failure
         identity = identity_of(row, self.roles)
-        lifetime = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
+        ends = [t for t in (row.expires_at, row.revoked_at) if t is not None]
+        lifetime = (min(ends) - now).total_seconds() if ends else None
         self.cache.put(
             key, identity, token_id=identity.token_id, user_id=row.user_id, lifetime=lifetime
         )

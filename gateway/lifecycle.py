@@ -7,7 +7,8 @@ a signed-in user (their company, their permissions).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import builtins
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +23,17 @@ from gateway.store import TokenRow, UserRow
 from gateway.tokens import TokenFormat
 
 MAX_NAME_LENGTH = 100
+MAX_LIFETIME_DAYS = 100 * 366  # beyond this "never expires" is the honest choice
 TOKEN_MANAGING_PERMISSIONS = ("tokens:create", "tokens:admin")
+USER_STATUSES = ("active", "deactivated")
+TOKEN_STATES = ("active", "expired", "revoked")
+
+
+class _Unset:
+    """Marks an optional field the caller did not send (distinct from an explicit null)."""
+
+
+UNSET = _Unset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +161,8 @@ class TokenService:
             if at <= now:
                 raise InvalidInput("the expiry date must be in the future")
         elif expiry.in_days is not None:
-            if expiry.in_days <= 0:
-                raise InvalidInput("the lifetime must be a positive number of days")
+            if not 0 < expiry.in_days <= MAX_LIFETIME_DAYS:
+                raise InvalidInput(f"the lifetime must be 1 to {MAX_LIFETIME_DAYS} days")
             at = now + timedelta(days=expiry.in_days)
         elif self.policy.default_ttl is None:
             return None
@@ -204,10 +215,9 @@ class TokenService:
             limit = self.policy.max_active_per_user
             if limit is not None and await store.count_active_tokens(conn, owner.id) >= limit:
                 raise Conflict(
-                    "A token is already created for this user"
+                    "A token is already created for this user; revoke it before creating another"
                     if limit == 1
-                    else f"this user already has {limit} active tokens"
-                    + "; revoke one before creating another"
+                    else f"This user already has {limit} active tokens; revoke one first"
                 )
             new = self.format.generate()
             token_id = uuid4()
@@ -245,9 +255,18 @@ class TokenService:
         user_id: str | None = None,
         company_id: str | None = None,
         state: str | None = None,
-    ) -> list[TokenRow]:
-        if state is not None and state not in ("active", "expired", "revoked"):
-            raise InvalidInput("state must be one of active, expired, revoked")
+        all_users: bool = False,
+    ) -> builtins.list[TokenRow]:
+        """A user sees their own tokens; with tokens:admin, any user's of their company
+        (``all_users`` for everyone's). The operator sees what the filters select."""
+        if state is not None and state not in TOKEN_STATES:
+            raise InvalidInput("state must be one of " + ", ".join(TOKEN_STATES))
+        if actor.company_id is not None:
+            company_id = actor.company_id
+            if all_users or (user_id is not None and user_id != actor.user_id):
+                self._require(actor, "tokens:admin")
+            elif user_id is None:
+                user_id = actor.user_id
         async with store.transaction(self.pool) as conn:
             return await store.list_tokens(
                 conn, user_id=user_id, company_id=company_id, state=state
@@ -305,6 +324,93 @@ class TokenService:
                 )
             return await self._reload(conn, row.id)
 
+    async def rotate(self, actor: Actor, token_id: str) -> Created:
+        """A new token with the same name, role and lifetime; the old one is revoked
+        (``rotated``, ``rotated_to``) after ``tokens.rotation_grace``.
+
+        Rotating a token that was already rotated or revoked means an old secret is in
+        someone's hands: every successor in its chain is revoked (``leaked``) and the call
+        answers 409.
+        """
+        async with store.transaction(self.pool) as conn:
+            row = await self._token(conn, token_id, actor)
+            reused = row.revoked_at is not None or row.rotated_to is not None
+            if reused:
+                chain = await store.revoke_chain(conn, row.id, "leaked")
+                await self._events(
+                    conn, actor, chain, "revoked", {"reason": "leaked", "reused": str(row.id)}
+                )
+        if reused:  # outside the transaction: the chain revocation must commit
+            raise Conflict(
+                "this token was already rotated or revoked; as a precaution every token "
+                "rotated from it has been revoked"
+            )
+        now = self.now()
+        expires_at = None
+        if row.expires_at is not None:
+            lifetime = row.expires_at - row.created_at
+            if self.policy.max_ttl is not None:
+                lifetime = min(lifetime, timedelta(seconds=self.policy.max_ttl))
+            expires_at = now + lifetime
+        new = self.format.generate()
+        successor = uuid4()
+        async with store.transaction(self.pool) as conn:
+            row = await self._token(conn, token_id, actor)
+            if row.revoked_at is not None or row.rotated_to is not None:
+                raise Conflict("this token was rotated or revoked meanwhile")
+            await store.insert_token(
+                conn,
+                token_id=successor,
+                name=row.name,
+                prefix=new.display_prefix,
+                digest=new.digest,
+                role=row.role,
+                scopes=row.scopes,
+                user_id=row.user_id,
+                company_id=row.company_id,
+                created_by=actor.name,
+                expires_at=expires_at,
+            )
+            ends = now + timedelta(seconds=self.policy.rotation_grace)
+            await store.mark_rotated(conn, row.id, ends, successor)
+            await self._events(
+                conn,
+                actor,
+                [row.id],
+                "rotated",
+                {"rotated_to": str(successor), "valid_until": _iso(ends)},
+            )
+            await self._events(
+                conn, actor, [successor], "created", {"name": row.name, "rotated_from": str(row.id)}
+            )
+            created = await self._reload(conn, successor)
+        return Created(created, new.plaintext, ())
+
+    async def events(self, actor: Actor, token_id: str) -> builtins.list[store.EventRow]:
+        async with store.transaction(self.pool) as conn:
+            row = await self._token(conn, token_id, actor)
+            return await store.token_events(conn, row.id)
+
+    async def revoke_leaked(self, plaintexts: Sequence[str], *, ip: str | None) -> int:
+        """Revoke (``leaked``) those of ``plaintexts`` that are real tokens; how many were."""
+        digests = [
+            digest
+            for text in plaintexts
+            if self.format.is_well_formed(text)
+            for digest in self.format.digests(text)
+        ]
+        if not digests:
+            return 0
+        reporter = Actor(user_id="leak-report", company_id=None, permissions=frozenset(), ip=ip)
+        async with store.transaction(self.pool) as conn:
+            revoked = [
+                token_id
+                for token_id in await store.token_ids_by_digest(conn, digests)
+                if await store.revoke_token(conn, token_id, "leaked")
+            ]
+            await self._events(conn, reporter, revoked, "revoked", {"reason": "leaked"})
+        return len(revoked)
+
     async def _reload(self, conn: Any, token_id: UUID) -> TokenRow:
         row = await store.get_token(conn, token_id)
         assert row is not None
@@ -312,51 +418,115 @@ class TokenService:
 
     # -- owners ------------------------------------------------------------------------------
 
-    async def set_role(self, actor: Actor, user_id: str, role: str) -> UserRow:
-        new_perms = self.role_permissions(role)
+    def _require(self, actor: Actor, permission: str) -> None:
+        if not allows(actor.permissions, permission):
+            raise Forbidden(f"this needs the {permission} permission")
+
+    async def list_users(self, actor: Actor) -> builtins.list[UserRow]:
+        self._require(actor, "users:admin")
+        if actor.company_id is None:
+            raise InvalidInput("the operator lists users per company")
         async with store.transaction(self.pool) as conn:
-            user = await self._user(conn, user_id, actor, lock=True)
-            updated = await store.update_user(conn, user.id, role, user.status, user.email)
+            return await store.company_users(conn, actor.company_id)
+
+    async def put_user(
+        self,
+        actor: Actor,
+        user_id: str,
+        *,
+        company_id: str,
+        role: str,
+        email: str | None = None,
+        status: str = "active",
+    ) -> tuple[UserRow, bool]:
+        """Create or replace a user of the actor's company; (user, created)."""
+        self._require(actor, "users:admin")
+        self.role_permissions(role)
+        if not self._visible(actor, company_id):
+            raise Forbidden("users can only be managed within your own company")
+        async with store.transaction(self.pool) as conn:
+            existing = await store.get_user(conn, user_id, for_update=True)
+            if existing is None:
+                if await store.get_company(conn, company_id) is None:
+                    raise NotFound(f"no company {company_id!r}")
+                user = await store.insert_user(conn, user_id, company_id, role, email)
+                if status != "active":
+                    user = await self._change(
+                        conn, actor, user_id, role=None, status=status, email=UNSET
+                    )
+                return user, True
+            if existing.company_id != company_id:
+                raise Conflict("a user cannot move to another company")
+            user = await self._change(conn, actor, user_id, role=role, status=status, email=email)
+            return user, False
+
+    async def change_user(
+        self,
+        actor: Actor,
+        user_id: str,
+        *,
+        role: str | None = None,
+        status: str | None = None,
+        email: str | _Unset | None = UNSET,
+    ) -> UserRow:
+        self._require(actor, "users:admin")
+        async with store.transaction(self.pool) as conn:
+            return await self._change(conn, actor, user_id, role=role, status=status, email=email)
+
+    async def set_role(self, actor: Actor, user_id: str, role: str) -> UserRow:
+        return await self.change_user(actor, user_id, role=role)
+
+    async def set_status(self, actor: Actor, user_id: str, status: str) -> UserRow:
+        return await self.change_user(actor, user_id, status=status)
+
+    async def _change(
+        self,
+        conn: Any,
+        actor: Actor,
+        user_id: str,
+        *,
+        role: str | None,
+        status: str | None,
+        email: str | _Unset | None,
+    ) -> UserRow:
+        """Apply a user change and its effects on their tokens, in the caller's transaction.
+
+        A role change shrinks the tokens' effective permissions at once (they are computed
+        from the owner's current role) and, with ``revoke_on_downgrade``, revokes them when
+        the new role can neither create nor administer tokens. Deactivation revokes every
+        token for good (``owner_deactivated``); activating again does not bring them back.
+        """
+        if status is not None and status not in USER_STATUSES:
+            raise InvalidInput("status must be active or deactivated")
+        new_perms = self.role_permissions(role) if role is not None else None
+        user = await self._user(conn, user_id, actor, lock=True)
+        updated = await store.update_user(
+            conn,
+            user.id,
+            role or user.role,
+            status or user.status,
+            user.email if isinstance(email, _Unset) else email,
+        )
+        if new_perms is not None and role != user.role:
             tokens = await store.user_token_ids(conn, user.id)
-            await store.add_events(
-                conn,
-                tokens,
-                "owner_role_changed",
-                actor=actor.name,
-                ip=actor.ip,
-                detail={"from": user.role, "to": role},
+            await self._events(
+                conn, actor, tokens, "owner_role_changed", {"from": user.role, "to": role}
             )
             can_hold = any(allows(new_perms, p) for p in TOKEN_MANAGING_PERMISSIONS)
             if self.policy.revoke_on_downgrade and not can_hold:
-                revoked = await store.revoke_user_tokens(conn, user.id, "owner_downgraded")
-                await store.add_events(
-                    conn,
-                    revoked,
-                    "revoked",
-                    actor=actor.name,
-                    ip=actor.ip,
-                    detail={"reason": "owner_downgraded"},
-                )
-            return updated
+                await self._revoke_user(conn, actor, user.id, "owner_downgraded")
+        if status == "deactivated" and user.status != "deactivated":
+            await self._revoke_user(conn, actor, user.id, "owner_deactivated")
+        return updated
 
-    async def set_status(self, actor: Actor, user_id: str, status: str) -> UserRow:
-        """Deactivation revokes every token of the user for good (``owner_deactivated``)."""
-        if status not in ("active", "deactivated"):
-            raise InvalidInput("status must be active or deactivated")
-        async with store.transaction(self.pool) as conn:
-            user = await self._user(conn, user_id, actor, lock=True)
-            updated = await store.update_user(conn, user.id, user.role, status, user.email)
-            if status == "deactivated" and user.status != "deactivated":
-                revoked = await store.revoke_user_tokens(conn, user.id, "owner_deactivated")
-                await store.add_events(
-                    conn,
-                    revoked,
-                    "revoked",
-                    actor=actor.name,
-                    ip=actor.ip,
-                    detail={"reason": "owner_deactivated"},
-                )
-            return updated
+    async def _revoke_user(self, conn: Any, actor: Actor, user_id: str, reason: str) -> None:
+        revoked = await store.revoke_user_tokens(conn, user_id, reason)
+        await self._events(conn, actor, revoked, "revoked", {"reason": reason})
+
+    async def _events(
+        self, conn: Any, actor: Actor, tokens: Sequence[UUID], event: str, detail: dict[str, Any]
+    ) -> None:
+        await store.add_events(conn, tokens, event, actor=actor.name, ip=actor.ip, detail=detail)
 
 
 def _clean_name(name: str) -> str:

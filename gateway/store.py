@@ -258,12 +258,27 @@ SELECT count(*) FROM tokens
 WHERE user_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"""
 UPDATE_TOKEN_NAME = "UPDATE tokens SET name = $2 WHERE id = $1"
 UPDATE_TOKEN_EXPIRY = "UPDATE tokens SET expires_at = $2 WHERE id = $1"
+# "Still usable" includes a rotated token inside its grace period (revoked_at in the future).
 REVOKE_TOKEN = """
 UPDATE tokens SET revoked_at = now(), revoked_reason = $2
-WHERE id = $1 AND revoked_at IS NULL"""
+WHERE id = $1 AND (revoked_at IS NULL OR revoked_at > now())"""
 REVOKE_USER_TOKENS = """
 UPDATE tokens SET revoked_at = now(), revoked_reason = $2
-WHERE user_id = $1 AND revoked_at IS NULL RETURNING id"""
+WHERE user_id = $1 AND (revoked_at IS NULL OR revoked_at > now()) RETURNING id"""
+MARK_ROTATED = """
+UPDATE tokens SET revoked_at = $2, revoked_reason = 'rotated', rotated_to = $3
+WHERE id = $1"""
+# Every successor of a token, following rotated_to; the still-usable ones are revoked.
+REVOKE_CHAIN = """
+WITH RECURSIVE chain (id) AS (
+    SELECT rotated_to FROM tokens WHERE id = $1 AND rotated_to IS NOT NULL
+    UNION
+    SELECT t.rotated_to FROM tokens t JOIN chain c ON t.id = c.id WHERE t.rotated_to IS NOT NULL
+)
+UPDATE tokens SET revoked_at = now(), revoked_reason = $2
+WHERE id IN (SELECT id FROM chain) AND (revoked_at IS NULL OR revoked_at > now())
+RETURNING id"""
+SELECT_TOKEN_IDS_BY_HASH = "SELECT id FROM tokens WHERE hash = ANY($1::bytea[])"
 SELECT_USER_TOKEN_IDS = "SELECT id FROM tokens WHERE user_id = $1 AND revoked_at IS NULL"
 
 
@@ -338,6 +353,20 @@ async def revoke_token(conn: asyncpg.Connection, token_id: UUID, reason: str) ->
 
 async def revoke_user_tokens(conn: asyncpg.Connection, user_id: str, reason: str) -> list[UUID]:
     return [r["id"] for r in await conn.fetch(REVOKE_USER_TOKENS, user_id, reason)]
+
+
+async def mark_rotated(
+    conn: asyncpg.Connection, token_id: UUID, revoked_at: datetime, successor: UUID
+) -> None:
+    await conn.execute(MARK_ROTATED, token_id, revoked_at, successor)
+
+
+async def revoke_chain(conn: asyncpg.Connection, token_id: UUID, reason: str) -> list[UUID]:
+    return [r["id"] for r in await conn.fetch(REVOKE_CHAIN, token_id, reason)]
+
+
+async def token_ids_by_digest(conn: asyncpg.Connection, digests: Sequence[bytes]) -> list[UUID]:
+    return [r["id"] for r in await conn.fetch(SELECT_TOKEN_IDS_BY_HASH, list(digests))]
 
 
 async def user_token_ids(conn: asyncpg.Connection, user_id: str) -> list[UUID]:
