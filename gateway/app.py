@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 from aiohttp import web
 
-from gateway import store
+from gateway import store, usage
 from gateway.auth import Authenticator, Identity
 from gateway.cache import IdentityCache
 from gateway.config import Config
@@ -27,12 +27,13 @@ from gateway.errors import (
     NotFound,
     PatgateError,
 )
-from gateway.headers import HeaderPolicy
+from gateway.headers import HeaderPolicy, client_ip
 from gateway.paths import canonical_path
 from gateway.policy import authorize
 from gateway.proxy import Forwarder, client_session
 from gateway.routing import RouteTable
 from gateway.tokens import TokenFormat
+from gateway.usage import UsageBuffer
 
 log = logging.getLogger("patgate")
 
@@ -45,6 +46,7 @@ CACHE = web.AppKey("cache", IdentityCache[Identity, type[AuthError]])
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 ROUTES = web.AppKey("routes", RouteTable)
+USAGE = web.AppKey("usage", UsageBuffer)
 
 
 def problem_response(error: PatgateError, request_id: str, names_request_id: str) -> web.Response:
@@ -79,6 +81,13 @@ class GatewayHandler:
         cfg = app[CONFIG]
         self.names = cfg.identity_headers
         self.header_policy = HeaderPolicy(cfg.identity_headers)
+        self.trusted_proxies = cfg.trusted_proxies
+
+    def client_ip(self, request: web.Request) -> str:
+        peer = request.remote or ""
+        if not self.trusted_proxies:
+            return peer
+        return client_ip(peer, request.headers.getall("X-Forwarded-For", []), self.trusted_proxies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         app = self.app
@@ -98,6 +107,7 @@ class GatewayHandler:
                 identity = await app[AUTHENTICATOR].authenticate(
                     authorization[0] if authorization else None
                 )
+                app[USAGE].record(identity.token_id, self.client_ip(request))
                 if not authorize(identity.permissions, route.require, route.require_any):
                     raise Forbidden("the token lacks a permission this route requires")
             url = routes.upstream_url(route, path, query)
@@ -119,8 +129,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[AUTHENTICATOR] = Authenticator(
         TokenFormat(cfg.tokens.prefix, cfg.tokens.pepper), app[CACHE], pool, cfg.roles
     )
-    yield
-    await pool.close()
+    try:
+        async with usage.flushing(app[USAGE], pool, cfg.usage.flush_interval):
+            yield
+    finally:
+        await pool.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
@@ -136,6 +149,7 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
     app[CONFIG] = cfg
     app[DATABASE_URL] = database_url
     app[ROUTES] = RouteTable(cfg.routes)
+    app[USAGE] = UsageBuffer()
     c = cfg.cache
     app[CACHE] = IdentityCache(
         ttl=c.ttl,
