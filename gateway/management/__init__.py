@@ -1,0 +1,1 @@
+"""The management HTTP API, session JWTs and the web UI."""
