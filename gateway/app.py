@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import asyncpg
 from aiohttp import web
@@ -19,15 +19,19 @@ from gateway.auth import Authenticator, Identity
 from gateway.cache import IdentityCache
 from gateway.config import Config
 from gateway.errors import (
-    PROBLEM_JSON,
     AuthError,
     BadRequest,
     DatabaseUnavailable,
     Forbidden,
     NotFound,
     PatgateError,
+    problem_response,
 )
 from gateway.headers import HeaderPolicy, client_ip
+from gateway.lifecycle import TokenService
+from gateway.management.api import PREFIX as API_PREFIX
+from gateway.management.api import ManagementApi
+from gateway.management.sessions import SessionVerifier
 from gateway.paths import canonical_path
 from gateway.policy import authorize
 from gateway.proxy import Forwarder, client_session
@@ -47,15 +51,7 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 ROUTES = web.AppKey("routes", RouteTable)
 USAGE = web.AppKey("usage", UsageBuffer)
-
-
-def problem_response(error: PatgateError, request_id: str, names_request_id: str) -> web.Response:
-    response = web.Response(
-        status=error.status, body=error.body(request_id), content_type=PROBLEM_JSON
-    )
-    response.headers.update(error.headers())
-    response.headers[names_request_id] = request_id
-    return response
+MANAGEMENT = web.AppKey("management", ManagementApi)
 
 
 async def create_pool(url: str, cfg: Config) -> asyncpg.Pool:
@@ -129,6 +125,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[AUTHENTICATOR] = Authenticator(
         TokenFormat(cfg.tokens.prefix, cfg.tokens.pepper), app[CACHE], pool, cfg.roles
     )
+    if MANAGEMENT in app:
+        cache = app[CACHE]
+
+        def forget(token_ids: Collection[str]) -> None:
+            for token_id in token_ids:
+                cache.drop_token(token_id)
+
+        app[MANAGEMENT].bind(TokenService(cfg, pool, invalidate=forget), app[AUTHENTICATOR])
     try:
         async with usage.flushing(app[USAGE], pool, cfg.usage.flush_interval):
             yield
@@ -159,6 +163,10 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
     )
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstreams)
+    if cfg.management.enabled:
+        api = ManagementApi(cfg, SessionVerifier(cfg.management.sessions))
+        app[MANAGEMENT] = api
+        app.add_subapp(API_PREFIX, api.app())
     app.router.add_route("*", "/{tail:.*}", GatewayHandler(app).handle)
     return app
 

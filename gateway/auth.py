@@ -121,9 +121,11 @@ class Authenticator:
             raise DatabaseUnavailable() from exc
         now = self.now()
         failure = failure_of(row, now)
-        if failure is not None or row is None:
-            failure = failure or UnknownToken
-            self.cache.put_negative(key, failure)
+        if row is None:
+            self.cache.put_negative(key, UnknownToken)
+            return UnknownToken
+        if failure is not None:
+            self.cache.put_negative(key, failure, token_id=str(row.id))
             return failure
         identity = identity_of(row, self.roles)
         ends = [t for t in (row.expires_at, row.revoked_at) if t is not None]

@@ -50,9 +50,10 @@ class IdentityCache(Generic[V, N]):
         self.clock = clock
         self.stats = CacheStats()
         self._positive: dict[bytes, tuple[float, V, str, str]] = {}
-        self._negative: dict[bytes, tuple[float, N]] = {}
+        self._negative: dict[bytes, tuple[float, N, str | None]] = {}
         self._by_token: dict[str, bytes] = {}
         self._by_user: dict[str, set[bytes]] = {}
+        self._negative_by_token: dict[str, bytes] = {}
         self._inflight: dict[bytes, asyncio.Future[V | N]] = {}
 
     def __len__(self) -> int:
@@ -70,7 +71,7 @@ class IdentityCache(Generic[V, N]):
             if negative[0] > self.clock():
                 self.stats.negative_hits += 1
                 return negative[1]
-            del self._negative[key]
+            self._drop_negative(key)
         return None
 
     def put(
@@ -80,7 +81,7 @@ class IdentityCache(Generic[V, N]):
         ttl = self.ttl if lifetime is None else min(self.ttl, lifetime)
         if ttl <= 0:
             return
-        self._negative.pop(key, None)
+        self._drop_negative(key)
         if key in self._positive:
             self._drop(key)
         elif len(self._positive) >= self.max_entries:
@@ -89,13 +90,17 @@ class IdentityCache(Generic[V, N]):
         self._by_token[token_id] = key
         self._by_user.setdefault(user_id, set()).add(key)
 
-    def put_negative(self, key: bytes, failure: N) -> None:
+    def put_negative(self, key: bytes, failure: N, *, token_id: str | None = None) -> None:
+        """Remember a failure; ``token_id`` (a stored but unusable token) lets a refresh or
+        reactivation forget it early."""
         if self.negative_ttl <= 0:
             return
-        self._negative.pop(key, None)
+        self._drop_negative(key)
         if len(self._negative) >= self.negative_max_entries:
-            del self._negative[next(iter(self._negative))]
-        self._negative[key] = (self.clock() + self.negative_ttl, failure)
+            self._drop_negative(next(iter(self._negative)))
+        self._negative[key] = (self.clock() + self.negative_ttl, failure, token_id)
+        if token_id is not None:
+            self._negative_by_token[token_id] = key
 
     async def get_or_load(self, key: bytes, load: Callable[[], Awaitable[V | N]]) -> V | N:
         """The cached value, or the result of ``load()``; concurrent callers share one load.
@@ -122,6 +127,9 @@ class IdentityCache(Generic[V, N]):
         key = self._by_token.get(token_id)
         if key is not None:
             self._drop(key)
+        negative = self._negative_by_token.get(token_id)
+        if negative is not None:
+            self._drop_negative(negative)
 
     def drop_user(self, user_id: str) -> None:
         for key in list(self._by_user.get(user_id, ())):
@@ -132,6 +140,12 @@ class IdentityCache(Generic[V, N]):
         self._negative.clear()
         self._by_token.clear()
         self._by_user.clear()
+        self._negative_by_token.clear()
+
+    def _drop_negative(self, key: bytes) -> None:
+        entry = self._negative.pop(key, None)
+        if entry is not None and entry[2] is not None:
+            self._negative_by_token.pop(entry[2], None)
 
     def _drop(self, key: bytes) -> None:
         entry = self._positive.pop(key, None)

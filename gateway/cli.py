@@ -19,8 +19,8 @@ import orjson
 from gateway import embedded, store
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, NotFound, PatgateError
-from gateway.lifecycle import OPERATOR, Created, Expiry, TokenService
-from gateway.store import CompanyRow, TokenRow, UserRow
+from gateway.lifecycle import OPERATOR, Created, Expiry, TokenService, user_json
+from gateway.store import CompanyRow, TokenRow
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -47,18 +47,6 @@ def emit(args: argparse.Namespace, data: Any, human: str) -> None:
 
 def company_json(row: CompanyRow) -> dict[str, Any]:
     return {"id": row.id, "name": row.name, "created_at": row.created_at}
-
-
-def user_json(row: UserRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "company_id": row.company_id,
-        "role": row.role,
-        "status": row.status,
-        "email": row.email,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-    }
 
 
 def token_table(service: TokenService, rows: Sequence[TokenRow]) -> str:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import orjson
+from aiohttp import web
 
 PROBLEM_JSON = "application/problem+json"
 WWW_AUTHENTICATE = 'Bearer realm="patgate"'
@@ -197,3 +198,13 @@ class ConfigError(Exception):
     def __init__(self, errors: Sequence[str]) -> None:
         self.errors = tuple(errors)
         super().__init__("\n".join(self.errors))
+
+
+def problem_response(error: PatgateError, request_id: str, request_id_header: str) -> web.Response:
+    """The one mapping of a gateway error to HTTP: problem+json, its headers, the request id."""
+    response = web.Response(
+        status=error.status, body=error.body(request_id), content_type=PROBLEM_JSON
+    )
+    response.headers.update(error.headers())
+    response.headers[request_id_header] = request_id
+    return response

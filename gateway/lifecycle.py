@@ -8,7 +8,8 @@ a signed-in user (their company, their permissions).
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +27,8 @@ MAX_NAME_LENGTH = 100
 MAX_LIFETIME_DAYS = 100 * 366  # beyond this "never expires" is the honest choice
 TOKEN_MANAGING_PERMISSIONS = ("tokens:create", "tokens:admin")
 USER_STATUSES = ("active", "deactivated")
+# Changes that can shrink what a token may do: caches must forget the token at once.
+INVALIDATING_EVENTS = frozenset({"revoked", "refreshed", "rotated", "owner_role_changed"})
 TOKEN_STATES = ("active", "expired", "revoked")
 
 
@@ -81,14 +84,46 @@ def _iso(moment: datetime | None) -> str | None:
     return rfc3339(moment) if moment is not None else None
 
 
+def user_json(row: UserRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "company_id": row.company_id,
+        "role": row.role,
+        "status": row.status,
+        "email": row.email,
+        "created_at": _iso(row.created_at),
+        "updated_at": _iso(row.updated_at),
+    }
+
+
+def event_json(row: store.EventRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "token_id": str(row.token_id),
+        "event": row.event,
+        "actor": row.actor,
+        "at": _iso(row.at),
+        "ip": row.ip,
+        "detail": row.detail,
+    }
+
+
 class TokenService:
-    def __init__(self, cfg: Config, pool: Any, *, now: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        pool: Any,
+        *,
+        now: Callable[[], datetime] | None = None,
+        invalidate: Callable[[Collection[str]], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.policy = cfg.tokens
         self.roles: Mapping[str, frozenset[str]] = cfg.roles
         self.format = TokenFormat(cfg.tokens.prefix, cfg.tokens.pepper)
         self.pool = pool
         self._now = now or (lambda: datetime.now(UTC))
+        self.invalidate = invalidate
 
     def now(self) -> datetime:
         result: datetime = self._now()
@@ -194,7 +229,8 @@ class TokenService:
         ):
             raise Forbidden("your role may not generate personal access tokens")
         expires_at = self.resolve_expiry(expiry)
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             owner = await self._user(conn, owner_id, actor, lock=True)
             if owner.status != "active":
                 raise Conflict(f"user {owner.id!r} is deactivated")
@@ -237,15 +273,14 @@ class TokenService:
             detail = {"name": name, "role": role, "expires_at": _iso(expires_at)}
             if dropped:
                 detail["dropped_permissions"] = sorted(dropped)  # type: ignore[assignment]
-            await store.add_events(
-                conn, [token_id], "created", actor=actor.name, ip=actor.ip, detail=detail
-            )
+            await self._events(tx, actor, [token_id], "created", detail)
             row = await store.get_token(conn, token_id)
         assert row is not None
         return Created(row, new.plaintext, tuple(sorted(dropped)))
 
     async def get(self, actor: Actor, token_id: str) -> TokenRow:
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             return await self._token(conn, token_id, actor)
 
     async def list(
@@ -267,29 +302,25 @@ class TokenService:
                 self._require(actor, "tokens:admin")
             elif user_id is None:
                 user_id = actor.user_id
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             return await store.list_tokens(
                 conn, user_id=user_id, company_id=company_id, state=state
             )
 
     async def rename(self, actor: Actor, token_id: str, name: str) -> TokenRow:
         name = _clean_name(name)
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             row = await self._token(conn, token_id, actor)
             await store.rename_token(conn, row.id, name)
-            await store.add_events(
-                conn,
-                [row.id],
-                "renamed",
-                actor=actor.name,
-                ip=actor.ip,
-                detail={"from": row.name, "to": name},
-            )
+            await self._events(tx, actor, [row.id], "renamed", {"from": row.name, "to": name})
             return await self._reload(conn, row.id)
 
     async def refresh(self, actor: Actor, token_id: str) -> TokenRow:
         """Extend the expiry to now + refresh_extends; an expired token becomes active again."""
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             row = await self._token(conn, token_id, actor)
             if row.revoked_at is not None:
                 raise Conflict("a revoked token cannot be refreshed; create a new one")
@@ -298,30 +329,23 @@ class TokenService:
                 extend = min(extend, self.policy.max_ttl)
             expires_at = self.now() + timedelta(seconds=extend)
             await store.set_token_expiry(conn, row.id, expires_at)
-            await store.add_events(
-                conn,
+            await self._events(
+                tx,
+                actor,
                 [row.id],
                 "refreshed",
-                actor=actor.name,
-                ip=actor.ip,
-                detail={"from": _iso(row.expires_at), "to": _iso(expires_at)},
+                {"from": _iso(row.expires_at), "to": _iso(expires_at)},
             )
             return await self._reload(conn, row.id)
 
     async def revoke(self, actor: Actor, token_id: str, *, reason: str | None = None) -> TokenRow:
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             row = await self._token(conn, token_id, actor)
             if reason is None:
                 reason = "user" if row.user_id == actor.user_id else "admin"
             if await store.revoke_token(conn, row.id, reason):
-                await store.add_events(
-                    conn,
-                    [row.id],
-                    "revoked",
-                    actor=actor.name,
-                    ip=actor.ip,
-                    detail={"reason": reason},
-                )
+                await self._events(tx, actor, [row.id], "revoked", {"reason": reason})
             return await self._reload(conn, row.id)
 
     async def rotate(self, actor: Actor, token_id: str) -> Created:
@@ -332,13 +356,14 @@ class TokenService:
         someone's hands: every successor in its chain is revoked (``leaked``) and the call
         answers 409.
         """
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             row = await self._token(conn, token_id, actor)
             reused = row.revoked_at is not None or row.rotated_to is not None
             if reused:
                 chain = await store.revoke_chain(conn, row.id, "leaked")
                 await self._events(
-                    conn, actor, chain, "revoked", {"reason": "leaked", "reused": str(row.id)}
+                    tx, actor, chain, "revoked", {"reason": "leaked", "reused": str(row.id)}
                 )
         if reused:  # outside the transaction: the chain revocation must commit
             raise Conflict(
@@ -354,7 +379,8 @@ class TokenService:
             expires_at = now + lifetime
         new = self.format.generate()
         successor = uuid4()
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             row = await self._token(conn, token_id, actor)
             if row.revoked_at is not None or row.rotated_to is not None:
                 raise Conflict("this token was rotated or revoked meanwhile")
@@ -374,20 +400,21 @@ class TokenService:
             ends = now + timedelta(seconds=self.policy.rotation_grace)
             await store.mark_rotated(conn, row.id, ends, successor)
             await self._events(
-                conn,
+                tx,
                 actor,
                 [row.id],
                 "rotated",
                 {"rotated_to": str(successor), "valid_until": _iso(ends)},
             )
             await self._events(
-                conn, actor, [successor], "created", {"name": row.name, "rotated_from": str(row.id)}
+                tx, actor, [successor], "created", {"name": row.name, "rotated_from": str(row.id)}
             )
             created = await self._reload(conn, successor)
         return Created(created, new.plaintext, ())
 
     async def events(self, actor: Actor, token_id: str) -> builtins.list[store.EventRow]:
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             row = await self._token(conn, token_id, actor)
             return await store.token_events(conn, row.id)
 
@@ -402,13 +429,14 @@ class TokenService:
         if not digests:
             return 0
         reporter = Actor(user_id="leak-report", company_id=None, permissions=frozenset(), ip=ip)
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             revoked = [
                 token_id
                 for token_id in await store.token_ids_by_digest(conn, digests)
                 if await store.revoke_token(conn, token_id, "leaked")
             ]
-            await self._events(conn, reporter, revoked, "revoked", {"reason": "leaked"})
+            await self._events(tx, reporter, revoked, "revoked", {"reason": "leaked"})
         return len(revoked)
 
     async def _reload(self, conn: Any, token_id: UUID) -> TokenRow:
@@ -426,7 +454,8 @@ class TokenService:
         self._require(actor, "users:admin")
         if actor.company_id is None:
             raise InvalidInput("the operator lists users per company")
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             return await store.company_users(conn, actor.company_id)
 
     async def put_user(
@@ -444,7 +473,8 @@ class TokenService:
         self.role_permissions(role)
         if not self._visible(actor, company_id):
             raise Forbidden("users can only be managed within your own company")
-        async with store.transaction(self.pool) as conn:
+        async with self._tx() as tx:
+            conn = tx.conn
             existing = await store.get_user(conn, user_id, for_update=True)
             if existing is None:
                 if await store.get_company(conn, company_id) is None:
@@ -452,12 +482,12 @@ class TokenService:
                 user = await store.insert_user(conn, user_id, company_id, role, email)
                 if status != "active":
                     user = await self._change(
-                        conn, actor, user_id, role=None, status=status, email=UNSET
+                        tx, actor, user_id, role=None, status=status, email=UNSET
                     )
                 return user, True
             if existing.company_id != company_id:
                 raise Conflict("a user cannot move to another company")
-            user = await self._change(conn, actor, user_id, role=role, status=status, email=email)
+            user = await self._change(tx, actor, user_id, role=role, status=status, email=email)
             return user, False
 
     async def change_user(
@@ -470,8 +500,8 @@ class TokenService:
         email: str | _Unset | None = UNSET,
     ) -> UserRow:
         self._require(actor, "users:admin")
-        async with store.transaction(self.pool) as conn:
-            return await self._change(conn, actor, user_id, role=role, status=status, email=email)
+        async with self._tx() as tx:
+            return await self._change(tx, actor, user_id, role=role, status=status, email=email)
 
     async def set_role(self, actor: Actor, user_id: str, role: str) -> UserRow:
         return await self.change_user(actor, user_id, role=role)
@@ -481,7 +511,7 @@ class TokenService:
 
     async def _change(
         self,
-        conn: Any,
+        tx: Tx,
         actor: Actor,
         user_id: str,
         *,
@@ -499,6 +529,7 @@ class TokenService:
         if status is not None and status not in USER_STATUSES:
             raise InvalidInput("status must be active or deactivated")
         new_perms = self.role_permissions(role) if role is not None else None
+        conn = tx.conn
         user = await self._user(conn, user_id, actor, lock=True)
         updated = await store.update_user(
             conn,
@@ -510,23 +541,52 @@ class TokenService:
         if new_perms is not None and role != user.role:
             tokens = await store.user_token_ids(conn, user.id)
             await self._events(
-                conn, actor, tokens, "owner_role_changed", {"from": user.role, "to": role}
+                tx, actor, tokens, "owner_role_changed", {"from": user.role, "to": role}
             )
             can_hold = any(allows(new_perms, p) for p in TOKEN_MANAGING_PERMISSIONS)
             if self.policy.revoke_on_downgrade and not can_hold:
-                await self._revoke_user(conn, actor, user.id, "owner_downgraded")
+                await self._revoke_user(tx, actor, user.id, "owner_downgraded")
         if status == "deactivated" and user.status != "deactivated":
-            await self._revoke_user(conn, actor, user.id, "owner_deactivated")
+            await self._revoke_user(tx, actor, user.id, "owner_deactivated")
         return updated
 
-    async def _revoke_user(self, conn: Any, actor: Actor, user_id: str, reason: str) -> None:
-        revoked = await store.revoke_user_tokens(conn, user_id, reason)
-        await self._events(conn, actor, revoked, "revoked", {"reason": reason})
+    async def _revoke_user(self, tx: Tx, actor: Actor, user_id: str, reason: str) -> None:
+        revoked = await store.revoke_user_tokens(tx.conn, user_id, reason)
+        await self._events(tx, actor, revoked, "revoked", {"reason": reason})
 
     async def _events(
-        self, conn: Any, actor: Actor, tokens: Sequence[UUID], event: str, detail: dict[str, Any]
+        self, tx: Tx, actor: Actor, tokens: Sequence[UUID], event: str, detail: dict[str, Any]
     ) -> None:
-        await store.add_events(conn, tokens, event, actor=actor.name, ip=actor.ip, detail=detail)
+        """Audit ``event`` for each token; events that can shrink access invalidate caches."""
+        await store.add_events(tx.conn, tokens, event, actor=actor.name, ip=actor.ip, detail=detail)
+        if event in INVALIDATING_EVENTS:
+            tx.invalidated.update(str(t) for t in tokens)
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Tx]:
+        """A transaction that tells every replica which tokens it made stale.
+
+        The NOTIFY is sent inside the transaction (PostgreSQL delivers it on commit); the
+        local hook runs after the commit, so a request cannot re-cache the old row.
+        """
+        tx = Tx()
+        async with store.transaction(self.pool) as conn:
+            tx.conn = conn
+            yield tx
+            if tx.invalidated:
+                await store.notify_invalidated(conn, sorted(tx.invalidated))
+        if tx.invalidated and self.invalidate is not None:
+            self.invalidate(tx.invalidated)
+
+
+class Tx:
+    """One transaction's connection and the tokens it changed."""
+
+    __slots__ = ("conn", "invalidated")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.invalidated: set[str] = set()
 
 
 def _clean_name(name: str) -> str:

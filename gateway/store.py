@@ -374,6 +374,21 @@ async def user_token_ids(conn: asyncpg.Connection, user_id: str) -> list[UUID]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Cache invalidation across replicas
+
+INVALIDATION_CHANNEL = "patgate_invalidate"
+NOTIFY = "SELECT pg_notify($1, $2)"
+NOTIFY_BATCH = 100  # token ids per notice: well under PostgreSQL's 8000-byte payload limit
+
+
+async def notify_invalidated(conn: asyncpg.Connection, token_ids: Sequence[str]) -> None:
+    """Tell every replica (on commit) to forget these tokens: payload {"tokens": [...]}."""
+    for start in range(0, len(token_ids), NOTIFY_BATCH):
+        payload = orjson.dumps({"tokens": list(token_ids[start : start + NOTIFY_BATCH])})
+        await conn.execute(NOTIFY, INVALIDATION_CHANNEL, payload.decode())
+
+
+# ---------------------------------------------------------------------------------------------
 # Audit events
 
 INSERT_EVENT = """
