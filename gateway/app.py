@@ -27,7 +27,7 @@ from gateway.errors import (
     PatgateError,
     problem_response,
 )
-from gateway.headers import HeaderPolicy, client_ip
+from gateway.headers import HeaderPolicy, request_client_ip
 from gateway.lifecycle import TokenService
 from gateway.management.api import PREFIX as API_PREFIX
 from gateway.management.api import ManagementApi
@@ -79,12 +79,6 @@ class GatewayHandler:
         self.header_policy = HeaderPolicy(cfg.identity_headers)
         self.trusted_proxies = cfg.trusted_proxies
 
-    def client_ip(self, request: web.Request) -> str:
-        peer = request.remote or ""
-        if not self.trusted_proxies:
-            return peer
-        return client_ip(peer, request.headers.getall("X-Forwarded-For", []), self.trusted_proxies)
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         app = self.app
         request_id = self.header_policy.request_id(request.headers) or secrets.token_hex(16)
@@ -103,7 +97,10 @@ class GatewayHandler:
                 identity = await app[AUTHENTICATOR].authenticate(
                     authorization[0] if authorization else None
                 )
-                app[USAGE].record(identity.token_id, self.client_ip(request))
+                app[USAGE].record(
+                    identity.token_id,
+                    request_client_ip(request.remote, request.headers, self.trusted_proxies),
+                )
                 if not authorize(identity.permissions, route.require, route.require_any):
                     raise Forbidden("the token lacks a permission this route requires")
             url = routes.upstream_url(route, path, query)

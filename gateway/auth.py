@@ -24,7 +24,7 @@ from gateway.errors import (
     TokenRevoked,
     UnknownToken,
 )
-from gateway.policy import effective_permissions, header_value
+from gateway.policy import allows, effective_permissions, header_value
 from gateway.store import TokenRow
 from gateway.tokens import TokenFormat
 
@@ -74,11 +74,18 @@ def rfc3339(moment: datetime) -> str:
 def identity_of(row: TokenRow, roles: Mapping[str, frozenset[str]]) -> Identity:
     scopes = frozenset(row.scopes) if row.scopes is not None else None
     permissions = effective_permissions(scopes, roles.get(row.owner_role, frozenset()))
+    # The token's role names it only when the token really has all of that role's
+    # permissions; a role stripped down to fit its owner is reported as the owner's role.
+    role = row.owner_role
+    if row.role is not None and all(
+        allows(permissions, p) for p in roles.get(row.role, frozenset())
+    ):
+        role = row.role
     return Identity(
         token_id=str(row.id),
         user_id=row.user_id,
         company_id=row.company_id,
-        role=row.role or row.owner_role,
+        role=role,
         permissions=permissions,
         permissions_header=header_value(permissions),
         expires_at=row.expires_at,

@@ -137,6 +137,16 @@ async def cmd_user_status(args: argparse.Namespace, cfg: Config, conn: Any) -> N
     emit(args, user_json(row), f"user {row.id} is {row.status}{note}")
 
 
+def shown_once(headline: str, plaintext: str) -> list[str]:
+    return [
+        headline,
+        "",
+        f"    {plaintext}",
+        "",
+        "Copy it now: it is not stored and will not be shown again.",
+    ]
+
+
 def created_json(service: TokenService, created: Created) -> dict[str, Any]:
     return {
         "token": created.plaintext,
@@ -152,13 +162,10 @@ async def cmd_token_create(args: argparse.Namespace, cfg: Config, conn: Any) -> 
         OPERATOR, user_id=args.user, name=args.name, expiry=expiry, role=args.role
     )
     row = created.token
-    lines = [
+    lines = shown_once(
         f"token {row.id} created for {row.user_id}, expires {row.expires_at or 'never'}",
-        "",
-        f"    {created.plaintext}",
-        "",
-        "Copy it now: it is not stored and will not be shown again.",
-    ]
+        created.plaintext,
+    )
     if created.dropped_permissions:
         lines.append("Stripped (the owner lacks them): " + ", ".join(created.dropped_permissions))
     emit(args, created_json(service, created), "\n".join(lines))
@@ -188,6 +195,15 @@ async def cmd_token_refresh(args: argparse.Namespace, cfg: Config, conn: Any) ->
     service = TokenService(cfg, conn)
     row = await service.refresh(OPERATOR, args.id)
     emit(args, service.token_json(row), f"token {row.id} now expires {row.expires_at}")
+
+
+async def cmd_token_rotate(args: argparse.Namespace, cfg: Config, conn: Any) -> None:
+    service = TokenService(cfg, conn)
+    created = await service.rotate(OPERATOR, args.id)
+    row = created.token
+    data = {"token": created.plaintext, **service.token_json(row)}
+    headline = f"token {args.id} rotated into {row.id}, expires {row.expires_at or 'never'}"
+    emit(args, data, "\n".join(shown_once(headline, created.plaintext)))
 
 
 async def cmd_token_revoke(args: argparse.Namespace, cfg: Config, conn: Any) -> None:
@@ -276,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     rename.add_argument("id")
     rename.add_argument("name")
     leaf(token, "refresh", cmd_token_refresh, "extend a token's expiry").add_argument("id")
+    leaf(token, "rotate", cmd_token_rotate, "replace a token with a new one").add_argument("id")
     leaf(token, "revoke", cmd_token_revoke, "revoke a token").add_argument("id")
     return parser
 

@@ -32,6 +32,7 @@ __all__ = [
     "is_trusted",
     "is_websocket_upgrade",
     "normalize_name",
+    "request_client_ip",
 ]
 
 # Anything that yields (name, value) pairs: aiohttp's request.headers, a CIMultiDict, a list.
@@ -273,6 +274,16 @@ def client_ip(peer: str, forwarded_for: Sequence[str], trusted: tuple[IPNetwork,
                 return str(address)
             last = str(address)
     return last
+
+
+def request_client_ip(
+    remote: str | None, headers: MultiMapping[str], trusted: tuple[IPNetwork, ...]
+) -> str:
+    """``client_ip`` for a request: its socket peer and its ``X-Forwarded-For`` headers."""
+    peer = remote or ""
+    if not trusted:
+        return peer
+    return client_ip(peer, headers.getall("X-Forwarded-For", ()), trusted)
 
 
 def forwarded_headers(

@@ -222,12 +222,7 @@ class TokenService:
         owner_id = user_id or actor.user_id
         if owner_id is None:
             raise InvalidInput("user_id is required")
-        if owner_id != actor.user_id and not allows(actor.permissions, "tokens:admin"):
-            raise Forbidden("creating tokens for another user needs tokens:admin")
-        if owner_id == actor.user_id and not any(
-            allows(actor.permissions, p) for p in TOKEN_MANAGING_PERMISSIONS
-        ):
-            raise Forbidden("your role may not generate personal access tokens")
+        self._check_may_create(actor, owner_id)
         expires_at = self.resolve_expiry(expiry)
         async with self._tx() as tx:
             conn = tx.conn
@@ -248,13 +243,7 @@ class TokenService:
                         + ", ".join(sorted(dropped))
                     )
                 scopes = intersect(wanted, ceiling)
-            limit = self.policy.max_active_per_user
-            if limit is not None and await store.count_active_tokens(conn, owner.id) >= limit:
-                raise Conflict(
-                    "A token is already created for this user; revoke it before creating another"
-                    if limit == 1
-                    else f"This user already has {limit} active tokens; revoke one first"
-                )
+            await self._check_limit(conn, owner.id)
             new = self.format.generate()
             token_id = uuid4()
             await store.insert_token(
@@ -277,6 +266,24 @@ class TokenService:
             row = await store.get_token(conn, token_id)
         assert row is not None
         return Created(row, new.plaintext, tuple(sorted(dropped)))
+
+    async def _check_limit(self, conn: Any, user_id: str) -> None:
+        """``tokens.max_active_per_user``: the caller holds the user's row lock."""
+        limit = self.policy.max_active_per_user
+        if limit is not None and await store.count_active_tokens(conn, user_id) >= limit:
+            raise Conflict(
+                "A token is already created for this user; revoke it before creating another"
+                if limit == 1
+                else f"This user already has {limit} active tokens; revoke one first"
+            )
+
+    def _check_may_create(self, actor: Actor, owner_id: str) -> None:
+        if owner_id != actor.user_id and not allows(actor.permissions, "tokens:admin"):
+            raise Forbidden("creating tokens for another user needs tokens:admin")
+        if owner_id == actor.user_id and not any(
+            allows(actor.permissions, p) for p in TOKEN_MANAGING_PERMISSIONS
+        ):
+            raise Forbidden("your role may not generate personal access tokens")
 
     async def get(self, actor: Actor, token_id: str) -> TokenRow:
         async with self._tx() as tx:
@@ -324,6 +331,9 @@ class TokenService:
             row = await self._token(conn, token_id, actor)
             if row.revoked_at is not None:
                 raise Conflict("a revoked token cannot be refreshed; create a new one")
+            if token_state(row, self.now()) == "expired":
+                await store.get_user(conn, row.user_id, for_update=True)  # serialise with create
+                await self._check_limit(conn, row.user_id)
             extend = self.policy.refresh_extends
             if self.policy.max_ttl is not None:
                 extend = min(extend, self.policy.max_ttl)
@@ -359,6 +369,7 @@ class TokenService:
         async with self._tx() as tx:
             conn = tx.conn
             row = await self._token(conn, token_id, actor)
+            self._check_may_create(actor, row.user_id)
             reused = row.revoked_at is not None or row.rotated_to is not None
             if reused:
                 chain = await store.revoke_chain(conn, row.id, "leaked")

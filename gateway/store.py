@@ -20,7 +20,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from gateway.errors import Conflict, DatabaseUnavailable
+from gateway.errors import Conflict, DatabaseUnavailable, InvalidInput
 
 MIGRATION_LOCK_ID = 0x7061_7467_6174_65  # "patgate"
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -59,6 +59,8 @@ async def transaction(pool: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[
                 yield conn
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(exc.detail or "already exists") from exc
+    except asyncpg.DataError as exc:  # e.g. a NUL character, which text cannot hold
+        raise InvalidInput(f"a value cannot be stored: {exc}") from exc
     except UNAVAILABLE_ERRORS as exc:
         raise DatabaseUnavailable() from exc
 
@@ -268,10 +270,11 @@ WHERE user_id = $1 AND (revoked_at IS NULL OR revoked_at > now()) RETURNING id""
 MARK_ROTATED = """
 UPDATE tokens SET revoked_at = $2, revoked_reason = 'rotated', rotated_to = $3
 WHERE id = $1"""
-# Every successor of a token, following rotated_to; the still-usable ones are revoked.
+# A token and every successor, following rotated_to; the still-usable ones are revoked
+# (the token itself may still be inside its rotation grace).
 REVOKE_CHAIN = """
 WITH RECURSIVE chain (id) AS (
-    SELECT rotated_to FROM tokens WHERE id = $1 AND rotated_to IS NOT NULL
+    SELECT $1::uuid
     UNION
     SELECT t.rotated_to FROM tokens t JOIN chain c ON t.id = c.id WHERE t.rotated_to IS NOT NULL
 )

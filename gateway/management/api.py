@@ -31,7 +31,7 @@ from gateway.errors import (
     PatgateError,
     problem_response,
 )
-from gateway.headers import HeaderPolicy
+from gateway.headers import HeaderPolicy, request_client_ip
 from gateway.lifecycle import (
     TOKEN_MANAGING_PERMISSIONS,
     UNSET,
@@ -158,7 +158,7 @@ class ManagementApi:
     # -- who is calling ----------------------------------------------------------------------
 
     async def caller(self, request: web.Request) -> Call:
-        ip = request.remote
+        ip = self.client_ip(request)
         header = request.headers.get("Authorization")
         cookie = request.cookies.get(self.sessions.cookie)
         if header:
@@ -180,6 +180,9 @@ class ManagementApi:
         actor = Actor(user.id, user.company_id, permissions, ip)
         return Call(request, actor, mfa=session.mfa, via=via)
 
+    def client_ip(self, request: web.Request) -> str:
+        return request_client_ip(request.remote, request.headers, self.cfg.trusted_proxies)
+
     async def _pat_caller(self, request: web.Request, token: str, ip: str | None) -> Call:
         if not self.cfg.management.allow_pat:
             raise Forbidden("personal access tokens cannot manage tokens here; use a session")
@@ -191,6 +194,8 @@ class ManagementApi:
         return Call(request, actor, mfa=True, via="pat")
 
     async def _user(self, user_id: str) -> store.UserRow | None:
+        if "\x00" in user_id:  # PostgreSQL text cannot hold NUL: no such user can exist
+            return None
         async with store.transaction(self.service.pool) as conn:
             return await store.get_user(conn, user_id)
 
@@ -305,13 +310,14 @@ class ManagementApi:
 
     async def revoke_leaked(self, request: web.Request) -> web.StreamResponse:
         """Unauthenticated on purpose (secret scanners call it): always 202, no oracle."""
-        if not self.leak_limiter.allow(request.remote or ""):
+        ip = self.client_ip(request)
+        if not self.leak_limiter.allow(ip):
             raise TooManyRequests("too many leak reports from this address; try again later")
         body = await read_json(request, {"tokens": (list,)})
         tokens = body.get("tokens", [])
         if len(tokens) > MAX_LEAKED_TOKENS or not all(isinstance(t, str) for t in tokens):
             raise InvalidInput(f"tokens: a list of at most {MAX_LEAKED_TOKENS} strings")
-        await self.service.revoke_leaked(tokens, ip=request.remote)
+        await self.service.revoke_leaked(tokens, ip=ip)
         return json_response({"status": "accepted"}, status=202)
 
     async def list_users(self, call: Call) -> web.StreamResponse:
