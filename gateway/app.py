@@ -21,7 +21,6 @@ from gateway.config import Config
 from gateway.errors import (
     AuthError,
     BadRequest,
-    DatabaseUnavailable,
     Forbidden,
     NotFound,
     PatgateError,
@@ -29,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.headers import HeaderPolicy, request_client_ip
 from gateway.lifecycle import TokenService
+from gateway.listener import InvalidationListener, listening
 from gateway.management.api import PREFIX as API_PREFIX
 from gateway.management.api import ManagementApi
 from gateway.management.sessions import SessionVerifier
@@ -52,21 +52,27 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 ROUTES = web.AppKey("routes", RouteTable)
 USAGE = web.AppKey("usage", UsageBuffer)
 MANAGEMENT = web.AppKey("management", ManagementApi)
+LISTENER = web.AppKey("listener", InvalidationListener)
 
 
 async def create_pool(url: str, cfg: Config) -> asyncpg.Pool:
-    try:
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=cfg.database.pool.min,
-            max_size=cfg.database.pool.max,
-            timeout=5,
-            command_timeout=5,
-        )
-    except store.UNAVAILABLE_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc or type(exc).__name__}") from exc
-    assert pool is not None
-    return pool
+    """The pool; when PostgreSQL is unreachable at start, a lazy one that connects on first
+    use, so the gateway starts anyway (uncached tokens get 503 until the database is back)."""
+    for min_size in (cfg.database.pool.min, 0):
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=cfg.database.pool.max,
+                timeout=5,
+                command_timeout=5,
+            )
+        except store.UNAVAILABLE_ERRORS as exc:
+            log.warning("PostgreSQL is unreachable at start (%s); serving without it", exc)
+            continue
+        assert pool is not None
+        return pool
+    raise AssertionError("a pool with min_size=0 does not connect")
 
 
 class GatewayHandler:
@@ -113,6 +119,9 @@ class GatewayHandler:
             return problem_response(error, request_id, self.names.request_id)
         except PatgateError as error:
             return problem_response(error, request_id, self.names.request_id)
+        except Exception:  # a bug: still problem+json, and logged with its request id
+            log.exception("gateway error", extra={"fields": {"request_id": request_id}})
+            return problem_response(PatgateError(), request_id, self.names.request_id)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -123,15 +132,21 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         TokenFormat(cfg.tokens.prefix, cfg.tokens.pepper), app[CACHE], pool, cfg.roles
     )
     if MANAGEMENT in app:
-        cache = app[CACHE]
 
         def forget(token_ids: Collection[str]) -> None:
             for token_id in token_ids:
                 cache.drop_token(token_id)
 
         app[MANAGEMENT].bind(TokenService(cfg, pool, invalidate=forget), app[AUTHENTICATOR])
+    cache = app[CACHE]
+    app[LISTENER] = InvalidationListener(
+        app[DATABASE_URL], drop_token=cache.drop_token, clear=cache.clear
+    )
     try:
-        async with usage.flushing(app[USAGE], pool, cfg.usage.flush_interval):
+        async with (
+            listening(app[LISTENER]),
+            usage.flushing(app[USAGE], pool, cfg.usage.flush_interval),
+        ):
             yield
     finally:
         await pool.close()
@@ -157,6 +172,7 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
         negative_ttl=c.negative_ttl,
         max_entries=c.max_entries,
         negative_max_entries=c.negative_max_entries,
+        stale_if_error=c.stale_if_error,
     )
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstreams)
@@ -179,14 +195,18 @@ def create_admin_app(gateway: web.Application) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        """Ready when PostgreSQL answers, or while it does not but the cache is warm: cached
+        identities keep being served, so leaving rotation would refuse more than it saves."""
+        cached = len(gateway[CACHE])
         try:
             async with gateway[POOL].acquire(timeout=2) as conn:
                 await conn.fetchval("SELECT 1", timeout=2)
         except store.UNAVAILABLE_ERRORS as exc:
-            return web.json_response(
-                {"status": "unavailable", "database": type(exc).__name__}, status=503
-            )
-        return web.json_response({"status": "ready", "database": "ok"})
+            body = {"database": type(exc).__name__, "cached_identities": cached}
+            if cached:
+                return web.json_response({"status": "degraded", **body})
+            return web.json_response({"status": "unavailable", **body}, status=503)
+        return web.json_response({"status": "ready", "database": "ok", "cached_identities": cached})
 
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)

@@ -116,7 +116,13 @@ class Authenticator:
         key = digests[0]
         cached = self.cache.get(key)
         if cached is None:
-            cached = await self.cache.get_or_load(key, lambda: self._load(key, digests))
+            try:
+                cached = await self.cache.get_or_load(key, lambda: self._load(key, digests))
+            except DatabaseUnavailable:
+                stale = self.cache.stale(key)  # cache.stale_if_error
+                if stale is None:
+                    raise
+                return stale
         if isinstance(cached, Identity):
             return cached
         raise cached()

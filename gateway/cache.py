@@ -1,6 +1,7 @@
 """The in-process identity cache, keyed by token digest (never by plaintext).
 
-- Positive entries live ``min(ttl, time until the token expires)``.
+- Positive entries live ``min(ttl, time until the token expires)``; while PostgreSQL is
+  unreachable they may be served ``stale_if_error`` longer (never past the token's expiry).
 - Negative entries (unknown, revoked, expired, owner inactive) live ``negative_ttl`` in a
   separate, smaller table, so a flood of bad tokens cannot evict good ones.
 - Concurrent misses for one digest share one load (single-flight).
@@ -29,6 +30,7 @@ class CacheStats:
     negative_hits: int = 0
     coalesced: int = 0
     loads: int = 0
+    stale_hits: int = 0
 
 
 class IdentityCache(Generic[V, N]):
@@ -41,15 +43,18 @@ class IdentityCache(Generic[V, N]):
         negative_ttl: float,
         max_entries: int,
         negative_max_entries: int,
+        stale_if_error: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
+        self.stale_if_error = stale_if_error
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self.negative_max_entries = negative_max_entries
         self.clock = clock
         self.stats = CacheStats()
-        self._positive: dict[bytes, tuple[float, V, str, str]] = {}
+        # key → (fresh until, usable-while-the-database-is-down until, value, token, user)
+        self._positive: dict[bytes, tuple[float, float, V, str, str]] = {}
         self._negative: dict[bytes, tuple[float, N, str | None]] = {}
         self._by_token: dict[str, bytes] = {}
         self._by_user: dict[str, set[bytes]] = {}
@@ -62,10 +67,12 @@ class IdentityCache(Generic[V, N]):
     def get(self, key: bytes) -> V | N | None:
         entry = self._positive.get(key)
         if entry is not None:
-            if entry[0] > self.clock():
+            now = self.clock()
+            if entry[0] > now:
                 self.stats.hits += 1
-                return entry[1]
-            self._drop(key)
+                return entry[2]
+            if entry[1] <= now:
+                self._drop(key)
         negative = self._negative.get(key)
         if negative is not None:
             if negative[0] > self.clock():
@@ -74,19 +81,30 @@ class IdentityCache(Generic[V, N]):
             self._drop_negative(key)
         return None
 
+    def stale(self, key: bytes) -> V | None:
+        """A past-ttl entry still inside ``stale_if_error``: for when the database is down."""
+        entry = self._positive.get(key)
+        if entry is None or entry[1] <= self.clock():
+            return None
+        self.stats.stale_hits += 1
+        return entry[2]
+
     def put(
         self, key: bytes, value: V, *, token_id: str, user_id: str, lifetime: float | None = None
     ) -> None:
         """Remember ``value``; ``lifetime`` (seconds until the token expires) caps the ttl."""
         ttl = self.ttl if lifetime is None else min(self.ttl, lifetime)
-        if ttl <= 0:
+        stale = self.ttl + self.stale_if_error
+        stale = stale if lifetime is None else min(stale, lifetime)
+        if ttl <= 0 and stale <= 0:
             return
         self._drop_negative(key)
         if key in self._positive:
             self._drop(key)
         elif len(self._positive) >= self.max_entries:
             self._drop(next(iter(self._positive)))
-        self._positive[key] = (self.clock() + ttl, value, token_id, user_id)
+        now = self.clock()
+        self._positive[key] = (now + ttl, now + stale, value, token_id, user_id)
         self._by_token[token_id] = key
         self._by_user.setdefault(user_id, set()).add(key)
 
@@ -151,7 +169,7 @@ class IdentityCache(Generic[V, N]):
         entry = self._positive.pop(key, None)
         if entry is None:
             return
-        _, _, token_id, user_id = entry
+        token_id, user_id = entry[3], entry[4]
         if self._by_token.get(token_id) == key:
             del self._by_token[token_id]
         keys = self._by_user.get(user_id)

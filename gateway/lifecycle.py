@@ -25,6 +25,7 @@ from gateway.tokens import TokenFormat
 
 MAX_NAME_LENGTH = 100
 MAX_LIFETIME_DAYS = 100 * 366  # beyond this "never expires" is the honest choice
+MIN_LIFETIME = timedelta(minutes=1)  # a token born expired is a mistake, not a request
 TOKEN_MANAGING_PERMISSIONS = ("tokens:create", "tokens:admin")
 USER_STATUSES = ("active", "deactivated")
 # Changes that can shrink what a token may do: caches must forget the token at once.
@@ -193,12 +194,14 @@ class TokenService:
             return None
         if expiry.at is not None:
             at = expiry.at if expiry.at.tzinfo else expiry.at.replace(tzinfo=UTC)
-            if at <= now:
-                raise InvalidInput("the expiry date must be in the future")
+            if at < now + MIN_LIFETIME:
+                raise InvalidInput("the expiry date must be at least a minute in the future")
         elif expiry.in_days is not None:
             if not 0 < expiry.in_days <= MAX_LIFETIME_DAYS:
                 raise InvalidInput(f"the lifetime must be 1 to {MAX_LIFETIME_DAYS} days")
             at = now + timedelta(days=expiry.in_days)
+            if at < now + MIN_LIFETIME:
+                raise InvalidInput("the lifetime must be at least a minute")
         elif self.policy.default_ttl is None:
             return None
         else:

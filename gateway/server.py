@@ -105,7 +105,9 @@ def serve_workers(cfg: Config, database_url: str, workers: int, *, migrate: bool
             code = 0
             try:
                 run_async(serve(cfg, database_url, reuse_port=True))
-            except BaseException:
+            except BaseException as error:  # the child must never return into the parent's code
+                detail = getattr(error, "detail", None) or f"{type(error).__name__}: {error}"
+                print(f"patgate: worker {os.getpid()}: error: {detail}", file=sys.stderr)
                 code = 1
             os._exit(code)
         children.append(pid)

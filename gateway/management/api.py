@@ -9,6 +9,7 @@ scoped to the caller's company. The rules themselves live in ``gateway.lifecycle
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ from gateway.lifecycle import (
 from gateway.management.openapi import openapi_document
 from gateway.management.sessions import InvalidSession, SessionVerifier
 from gateway.policy import allows
+
+log = logging.getLogger("patgate.api")
 
 PREFIX = "/_patgate/api/v1"
 MAX_BODY = 64 * 1024
@@ -399,6 +402,9 @@ class ManagementApi:
             response = problem_response(allowed, request_id, header)
         except web.HTTPNotFound:
             response = problem_response(NotFound("no such API endpoint"), request_id, header)
+        except Exception:  # a bug: still problem+json, and logged with its request id
+            log.exception("management API error", extra={"fields": {"request_id": request_id}})
+            response = problem_response(PatgateError(), request_id, header)
         response.headers[header] = request_id
         response.headers["Cache-Control"] = "no-store"
         return response

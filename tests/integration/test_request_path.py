@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from gateway.app import AUTHENTICATOR, CACHE
+from gateway.app import AUTHENTICATOR, CACHE, LISTENER
 from gateway.lifecycle import OPERATOR, Expiry
 from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, gateway_config
 
@@ -171,21 +171,43 @@ async def test_expired_token_is_401(
     assert upstream.received == []
 
 
-async def test_revocation_is_visible_once_the_cache_ttl_has_passed(
-    make_gateway: GatewayFactory, upstream: RecordingUpstream, seed: Seeder
+async def test_revocation_without_a_notice_is_visible_once_the_cache_ttl_has_passed(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, seed: Seeder, db: Any
 ) -> None:
+    """cache.ttl is the backstop for a change that sent no NOTIFY (a manual SQL fix)."""
     _, token, token_id = await seed.user_with_token()
     client = await make_gateway(gateway_config(upstream.url, cache={"ttl": "30s"}))
     now = [1000.0]
     client.app[CACHE].clock = lambda: now[0]
     assert (await client.get("/api/jobs/1", headers=bearer(token))).status == 200
 
-    await seed.service.revoke(OPERATOR, token_id)
+    await db.execute(
+        "UPDATE tokens SET revoked_at = now(), revoked_reason = 'admin' WHERE id = $1::uuid",
+        token_id,
+    )
     now[0] += 29.0  # still inside the ttl: the cached identity is served
     assert (await client.get("/api/jobs/2", headers=bearer(token))).status == 200
     now[0] += 1.5  # past the ttl: the token is looked up again and refused
     assert (await client.get("/api/jobs/3", headers=bearer(token))).status == 401
     assert [r.raw_path for r in upstream.received] == ["/api/jobs/1", "/api/jobs/2"]
+
+
+async def test_revocation_elsewhere_reaches_the_cache_through_notify(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, seed: Seeder
+) -> None:
+    """A revocation by another process (here: the CLI's service on its own connection)."""
+    _, token, token_id = await seed.user_with_token()
+    client = await make_gateway(gateway_config(upstream.url, cache={"ttl": "1h"}))
+    listener = client.app[LISTENER]
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    assert (await client.get("/api/jobs/1", headers=bearer(token))).status == 200
+
+    listener.notified.clear()
+    await seed.service.revoke(OPERATOR, token_id)
+    await asyncio.wait_for(listener.notified.wait(), 10)
+
+    assert (await client.get("/api/jobs/2", headers=bearer(token))).status == 401
+    assert [r.raw_path for r in upstream.received] == ["/api/jobs/1"]
 
 
 async def test_cached_token_costs_no_second_query(
