@@ -19,6 +19,26 @@ install() {
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$1]"
 }
 
+# Debian packages the tests drive (nginx for the forward-auth comparison), installed when
+# missing and we may (root with apt-get, as in CI); otherwise those tests skip and say why.
+debian_packages() {
+    missing=""
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] ||
+            missing="$missing ${pair#*:}"
+    done
+    [ -n "$missing" ] || return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "dev.sh: installing$missing" >&2
+        # shellcheck disable=SC2086 # word splitting is the point
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null ||
+            { apt-get update -q >/dev/null &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null; }
+    else
+        echo "dev.sh: not installing$missing (needs root and apt-get); those tests will skip" >&2
+    fi
+}
+
 case "${1:-}" in
 demo)
     shift
@@ -28,6 +48,7 @@ demo)
 test)
     shift
     install test
+    debian_packages nginx:nginx-light
     .venv/bin/ruff check gateway tests
     .venv/bin/ruff format --check gateway tests
     .venv/bin/mypy

@@ -15,18 +15,20 @@ import asyncpg
 from aiohttp import web
 
 from gateway import store, usage
-from gateway.auth import Authenticator, Identity
+from gateway.auth import Authenticator, Identity, identity_headers
 from gateway.cache import IdentityCache
-from gateway.config import Config
+from gateway.config import Config, Route
 from gateway.errors import (
     AuthError,
     BadRequest,
     Forbidden,
+    ForwardAuthDenied,
+    MethodNotAllowed,
     NotFound,
     PatgateError,
     problem_response,
 )
-from gateway.headers import HeaderPolicy, request_client_ip
+from gateway.headers import HeaderPolicy, is_trusted, request_client_ip
 from gateway.lifecycle import TokenService
 from gateway.listener import InvalidationListener, listening
 from gateway.management.api import PREFIX as API_PREFIX
@@ -34,7 +36,7 @@ from gateway.management.api import ManagementApi
 from gateway.management.sessions import SessionVerifier
 from gateway.paths import canonical_path
 from gateway.policy import authorize
-from gateway.proxy import Forwarder, client_session
+from gateway.proxy import TOKEN_EXPIRES_HEADER, Forwarder, client_session
 from gateway.routing import RouteTable
 from gateway.tokens import TokenFormat
 from gateway.usage import UsageBuffer
@@ -42,6 +44,7 @@ from gateway.usage import UsageBuffer
 log = logging.getLogger("patgate")
 
 RESERVED_PREFIX = "/_patgate/"
+FORWARD_AUTH_PATH = "/_patgate/auth"
 
 CONFIG = web.AppKey("config", Config)
 DATABASE_URL = web.AppKey("database_url", str)
@@ -85,43 +88,85 @@ class GatewayHandler:
         self.header_policy = HeaderPolicy(cfg.identity_headers)
         self.trusted_proxies = cfg.trusted_proxies
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def decide(
+        self, request: web.Request, host: str | None, method: str, path: str
+    ) -> tuple[Route, Identity | None]:
+        """Route, authenticate, authorize: the one decision behind proxying and forward-auth."""
         app = self.app
+        route = app[ROUTES].match(host, method, path)
+        if route.public:
+            return route, None
+        authorization = request.headers.getall("Authorization", [])
+        if len(authorization) > 1:
+            raise BadRequest("only one Authorization header is allowed")
+        identity = await app[AUTHENTICATOR].authenticate(
+            authorization[0] if authorization else None
+        )
+        app[USAGE].record(
+            identity.token_id,
+            request_client_ip(request.remote, request.headers, self.trusted_proxies),
+        )
+        if not authorize(identity.permissions, route.require, route.require_any):
+            raise Forbidden("the token lacks a permission this route requires")
+        return route, identity
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = self.header_policy.request_id(request.headers) or secrets.token_hex(16)
         try:
             raw_path, _, query = request.raw_path.partition("?")
             path = canonical_path(raw_path)
+            if path == FORWARD_AUTH_PATH:
+                return await self.forward_auth(request, request_id)
             if path.startswith(RESERVED_PREFIX):
                 raise NotFound()
-            routes = app[ROUTES]
-            route = routes.match(request.host, request.method, path)
-            identity = None
-            if not route.public:
-                authorization = request.headers.getall("Authorization", [])
-                if len(authorization) > 1:
-                    raise BadRequest("only one Authorization header is allowed")
-                identity = await app[AUTHENTICATOR].authenticate(
-                    authorization[0] if authorization else None
-                )
-                app[USAGE].record(
-                    identity.token_id,
-                    request_client_ip(request.remote, request.headers, self.trusted_proxies),
-                )
-                if not authorize(identity.permissions, route.require, route.require_any):
-                    raise Forbidden("the token lacks a permission this route requires")
-            url = routes.upstream_url(route, path, query)
-            return await app[FORWARDER].forward(request, route, url, identity, request_id)
-        except AuthError as error:
-            log.info(
-                "token refused",
-                extra={"fields": {"reason": error.reason, "request_id": request_id}},
-            )
-            return problem_response(error, request_id, self.names.request_id)
+            route, identity = await self.decide(request, request.host, request.method, path)
+            url = self.app[ROUTES].upstream_url(route, path, query)
+            return await self.app[FORWARDER].forward(request, route, url, identity, request_id)
         except PatgateError as error:
-            return problem_response(error, request_id, self.names.request_id)
+            return self.refused(error, request_id)
         except Exception:  # a bug: still problem+json, and logged with its request id
             log.exception("gateway error", extra={"fields": {"request_id": request_id}})
             return problem_response(PatgateError(), request_id, self.names.request_id)
+
+    def refused(self, error: PatgateError, request_id: str) -> web.Response:
+        if isinstance(error, AuthError):
+            fields = {"reason": error.reason, "request_id": request_id}
+            log.info("token refused", extra={"fields": fields})
+        return problem_response(error, request_id, self.names.request_id)
+
+    async def forward_auth(self, request: web.Request, request_id: str) -> web.Response:
+        """``/_patgate/auth`` for an ingress that keeps proxying itself (nginx ``auth_request``,
+        Traefik ``ForwardAuth``): 200 with the identity headers, or 401/403 problem+json.
+
+        The original request is described by ``X-Original-URI``/``X-Original-Method`` (nginx)
+        or ``X-Forwarded-Uri``/``-Method``/``-Host`` (Traefik), believed only from
+        ``trusted_proxies``. Route table and permissions are the proxy's. nginx knows only
+        2xx, 401 and 403, so a bad path or an unknown route or method answers 403 (the
+        problem's ``type`` still says which); a database outage stays 503.
+        """
+        if not is_trusted(request.remote or "", self.trusted_proxies):
+            raise Forbidden("forward-auth answers only the proxies in trusted_proxies")
+        headers = request.headers
+        uri = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
+        method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
+        if not uri or not method:
+            raise BadRequest(
+                "forward-auth needs X-Original-URI and X-Original-Method "
+                "(or X-Forwarded-Uri and X-Forwarded-Method)"
+            )
+        host = headers.get("X-Forwarded-Host") or request.host
+        try:
+            path = canonical_path(uri.partition("?")[0])
+            _, identity = await self.decide(request, host, method.upper(), path)
+        except (BadRequest, NotFound, MethodNotAllowed) as error:
+            raise ForwardAuthDenied(error) from error
+        response = web.Response(status=200)
+        response.headers[self.names.request_id] = request_id
+        if identity is not None:
+            response.headers.extend(identity_headers(self.names, identity))
+            if identity.expires_header is not None:
+                response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
+        return response
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway import store
 from gateway.cache import IdentityCache
+from gateway.config import IdentityHeaders
 from gateway.errors import (
     AuthError,
     DatabaseUnavailable,
@@ -43,6 +44,17 @@ class Identity:
     permissions_header: str
     expires_at: datetime | None
     expires_header: str | None
+
+
+def identity_headers(names: IdentityHeaders, identity: Identity) -> list[tuple[str, str]]:
+    """The trusted headers that tell an upstream who is calling."""
+    return [
+        (names.user_id, identity.user_id),
+        (names.company_id, identity.company_id),
+        (names.token_id, identity.token_id),
+        (names.role, identity.role),
+        (names.permissions, identity.permissions_header),
+    ]
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -12,6 +12,7 @@
     │   ├── TokenRevoked                      reason=revoked
     │   └── OwnerInactive                     reason=owner_inactive
     ├── Forbidden                      403    insufficient_scope
+    │   └── ForwardAuthDenied                     the cause's code (forward-auth: nginx)
     ├── NotFound                       404    not_found
     ├── MethodNotAllowed               405    method_not_allowed .allow
     ├── Conflict                       409    conflict
@@ -134,6 +135,20 @@ class Forbidden(PatgateError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": f'{WWW_AUTHENTICATE}, error="insufficient_scope"'}
+
+
+class ForwardAuthDenied(Forbidden):
+    """A forward-auth refusal nginx understands (403), whose ``type`` keeps the real reason."""
+
+    def __init__(self, cause: PatgateError) -> None:
+        super().__init__(cause.detail)
+        self.cause_code = cause.code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def problem(self, request_id: str | None = None) -> dict[str, object]:
+        return {**super().problem(request_id), "type": f"urn:patgate:error:{self.cause_code}"}
 
 
 class NotFound(PatgateError):
