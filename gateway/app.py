@@ -15,6 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from gateway import store, usage
+from gateway.assertion import AssertionSigner
 from gateway.auth import Authenticator, Identity, identity_headers
 from gateway.cache import IdentityCache
 from gateway.config import Config, Route
@@ -45,6 +46,7 @@ log = logging.getLogger("patgate")
 
 RESERVED_PREFIX = "/_patgate/"
 FORWARD_AUTH_PATH = "/_patgate/auth"
+JWKS_PATH = "/_patgate/.well-known/jwks.json"
 
 CONFIG = web.AppKey("config", Config)
 DATABASE_URL = web.AppKey("database_url", str)
@@ -56,6 +58,7 @@ ROUTES = web.AppKey("routes", RouteTable)
 USAGE = web.AppKey("usage", UsageBuffer)
 MANAGEMENT = web.AppKey("management", ManagementApi)
 LISTENER = web.AppKey("listener", InvalidationListener)
+SIGNER = web.AppKey("assertion_signer", AssertionSigner)
 
 
 async def create_pool(url: str, cfg: Config) -> asyncpg.Pool:
@@ -87,6 +90,7 @@ class GatewayHandler:
         self.names = cfg.identity_headers
         self.header_policy = HeaderPolicy(cfg.identity_headers)
         self.trusted_proxies = cfg.trusted_proxies
+        self.signer = app.get(SIGNER)
 
     async def decide(
         self, request: web.Request, host: str | None, method: str, path: str
@@ -117,6 +121,8 @@ class GatewayHandler:
             path = canonical_path(raw_path)
             if path == FORWARD_AUTH_PATH:
                 return await self.forward_auth(request, request_id)
+            if path == JWKS_PATH and self.signer is not None:
+                return web.json_response(self.signer.jwks())
             if path.startswith(RESERVED_PREFIX):
                 raise NotFound()
             route, identity = await self.decide(request, request.host, request.method, path)
@@ -157,13 +163,15 @@ class GatewayHandler:
         host = headers.get("X-Forwarded-Host") or request.host
         try:
             path = canonical_path(uri.partition("?")[0])
-            _, identity = await self.decide(request, host, method.upper(), path)
+            route, identity = await self.decide(request, host, method.upper(), path)
         except (BadRequest, NotFound, MethodNotAllowed) as error:
             raise ForwardAuthDenied(error) from error
         response = web.Response(status=200)
         response.headers[self.names.request_id] = request_id
         if identity is not None:
             response.headers.extend(identity_headers(self.names, identity))
+            if self.signer is not None:
+                response.headers[self.signer.header] = self.signer.sign(identity, route.name)
             if identity.expires_header is not None:
                 response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
         return response
@@ -219,6 +227,8 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
         negative_max_entries=c.negative_max_entries,
         stale_if_error=c.stale_if_error,
     )
+    if cfg.identity_headers.assertion is not None:
+        app[SIGNER] = AssertionSigner(cfg.identity_headers.assertion)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstreams)
     if cfg.management.enabled:

@@ -87,6 +87,15 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Assertion:
+    """A short-lived ES256 JWT of the identity, so an upstream can refuse bypassed traffic."""
+
+    header: str = "X-Auth-Assertion"
+    key_files: tuple[str, ...] = ()  # PEM EC P-256 private keys: the first signs, all published
+    ttl: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityHeaders:
     user_id: str = "X-Auth-User-Id"
     company_id: str = "X-Auth-Company-Id"
@@ -94,6 +103,17 @@ class IdentityHeaders:
     role: str = "X-Auth-Role"
     permissions: str = "X-Auth-Permissions"
     request_id: str = "X-Request-Id"
+    assertion: Assertion | None = None  # off unless configured
+
+    def names(self) -> dict[str, str]:
+        """Every configured header name by its key (the assertion's too, when on)."""
+        names = {f: getattr(self, f) for f in HEADER_FIELDS}
+        if self.assertion is not None:
+            names["assertion"] = self.assertion.header
+        return names
+
+
+HEADER_FIELDS = ("user_id", "company_id", "token_id", "role", "permissions", "request_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +508,22 @@ def _routes(errs: _Errors, path: str, raw: Any) -> tuple[Route, ...]:
     return routes
 
 
+_ASSERTION: _Schema = {
+    "header": _header,
+    "key_files": _list_of(_nonempty),
+    "ttl": _positive_duration,
+}
+
+
+def _assertion(errs: _Errors, path: str, raw: Any) -> Assertion | None:
+    if raw is None:
+        return None
+    built = _build(errs, path, raw, Assertion(), _ASSERTION)
+    if not built.key_files and errs.clean(path):
+        errs.add(f"{path}.key_files", "at least one PEM file with an EC P-256 private key")
+    return built
+
+
 _LISTEN: _Schema = {"host": _nonempty, "port": _int(0, 65535)}
 _CONFIG: _Schema = {
     "listen": _LISTEN,
@@ -514,7 +550,10 @@ _CONFIG: _Schema = {
     },
     "usage": {"flush_interval": _positive_duration},
     "trusted_proxies": _list_of(_network),
-    "identity_headers": {f.name: _header for f in dataclasses.fields(IdentityHeaders)},
+    "identity_headers": {
+        **{name: _header for name in HEADER_FIELDS},
+        "assertion": _Custom(lambda errs, path, raw: _assertion(errs, path, raw)),
+    },
     "management": {
         "enabled": _bool,
         "allow_pat": _bool,
@@ -549,11 +588,11 @@ def _check(errs: _Errors, cfg: Config) -> None:
         elif tokens.max_ttl is not None and (tokens.default_ttl or math.inf) > tokens.max_ttl:
             errs.add("tokens.default_ttl", f"must not exceed tokens.max_ttl ({tokens.max_ttl:g}s)")
     identity: dict[str, str] = {}
-    for f in dataclasses.fields(IdentityHeaders):
-        name = _norm_header(getattr(cfg.identity_headers, f.name))
+    for key, header in cfg.identity_headers.names().items():
+        name = _norm_header(header)
         if name in identity:
-            errs.add(f"identity_headers.{f.name}", f"same as identity_headers.{identity[name]}")
-        identity.setdefault(name, f.name)
+            errs.add(f"identity_headers.{key}", f"same as identity_headers.{identity[name]}")
+        identity.setdefault(name, key)
     for i, route in enumerate(cfg.routes):
         for header, _ in route.set_request_headers:
             name = _norm_header(header)

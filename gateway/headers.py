@@ -92,8 +92,9 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
 class HeaderPolicy:
     """What to strip as spoofable, compiled once from the configured identity header names.
 
-    Spoofable: every configured identity header except the request id, and any name starting
-    with ``x-auth-``. The request id is not spoofable: a sane client value is kept.
+    Spoofable: every configured identity header (the assertion's included) except the
+    request id, and any name starting with ``x-auth-``. The request id is not spoofable: a
+    sane client value is kept.
     """
 
     identity: IdentityHeaders = field(default_factory=IdentityHeaders)
@@ -103,13 +104,7 @@ class HeaderPolicy:
 
     def __post_init__(self) -> None:
         identity = self.identity
-        names = (
-            identity.user_id,
-            identity.company_id,
-            identity.token_id,
-            identity.role,
-            identity.permissions,
-        )
+        names = [name for key, name in identity.names().items() if key != "request_id"]
         spoofable = frozenset(normalize_name(name) for name in names)
         object.__setattr__(self, "spoofable", spoofable)
         object.__setattr__(self, "request_id_name", normalize_name(identity.request_id))
