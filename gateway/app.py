@@ -35,6 +35,8 @@ from gateway.listener import InvalidationListener, listening
 from gateway.management.api import PREFIX as API_PREFIX
 from gateway.management.api import ManagementApi
 from gateway.management.sessions import SessionVerifier
+from gateway.management.ui import PREFIX as UI_PREFIX
+from gateway.management.ui import StaticPage
 from gateway.paths import canonical_path
 from gateway.policy import authorize
 from gateway.proxy import TOKEN_EXPIRES_HEADER, Forwarder, client_session
@@ -59,6 +61,7 @@ USAGE = web.AppKey("usage", UsageBuffer)
 MANAGEMENT = web.AppKey("management", ManagementApi)
 LISTENER = web.AppKey("listener", InvalidationListener)
 SIGNER = web.AppKey("assertion_signer", AssertionSigner)
+UI = web.AppKey("ui", StaticPage)
 
 
 async def create_pool(url: str, cfg: Config) -> asyncpg.Pool:
@@ -123,6 +126,8 @@ class GatewayHandler:
                 return await self.forward_auth(request, request_id)
             if path == JWKS_PATH and self.signer is not None:
                 return web.json_response(self.signer.jwks())
+            if path.startswith(UI_PREFIX) and UI in self.app and request.method in ("GET", "HEAD"):
+                return self.app[UI].serve(path)
             if path.startswith(RESERVED_PREFIX):
                 raise NotFound()
             route, identity = await self.decide(request, request.host, request.method, path)
@@ -234,6 +239,7 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
     if cfg.management.enabled:
         api = ManagementApi(cfg, SessionVerifier(cfg.management.sessions))
         app[MANAGEMENT] = api
+        app[UI] = StaticPage()
         app.add_subapp(API_PREFIX, api.app())
     app.router.add_route("*", "/{tail:.*}", GatewayHandler(app).handle)
     return app
