@@ -48,7 +48,7 @@ demo)
 test)
     shift
     install test
-    debian_packages nginx:nginx-light
+    debian_packages nginx:nginx-light chromium:chromium
     .venv/bin/ruff check gateway tests
     .venv/bin/ruff format --check gateway tests
     .venv/bin/mypy
