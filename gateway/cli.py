@@ -7,11 +7,14 @@ errors. Never a traceback (set PATGATE_DEBUG=1 to see one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,6 +25,8 @@ from gateway.errors import ConfigError, NotFound, PatgateError
 from gateway.lifecycle import OPERATOR, Created, Expiry, TokenService, user_json
 from gateway.store import CompanyRow, TokenRow
 
+PID_FILE_ENV = "PATGATE_PID_FILE"
+DEFAULT_PID_FILE = ".patgate/patgate.pid"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DAYS = {"d": 1.0, "h": 1 / 24, "w": 7.0}
@@ -78,6 +83,10 @@ def token_details(service: TokenService, row: TokenRow) -> str:
     data = service.token_json(row)
     data["permissions"] = " ".join(data["permissions"]) or "(none)"
     return "\n".join(f"{key:>15}: {'-' if value is None else value}" for key, value in data.items())
+
+
+def default_pid_file() -> str:
+    return os.environ.get(PID_FILE_ENV) or DEFAULT_PID_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = leaf(top, "serve", "serve", "run the gateway")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     serve.add_argument("--migrate", action="store_true", help="apply migrations first")
+    pid_help = f"pid file for `patgate reload` (default ${PID_FILE_ENV} or {DEFAULT_PID_FILE})"
+    serve.add_argument("--pid-file", default=default_pid_file(), help=pid_help)
+    reload = leaf(top, "reload", "reload", "make the running server re-read its config (SIGHUP)")
+    reload.add_argument("--pid-file", default=default_pid_file(), help=pid_help)
     leaf(top, "migrate", "migrate", "apply database migrations")
     leaf(top, "check-config", "check-config", "validate the configuration and exit")
     leaf(top, "demo", "demo", "run a self-contained demo (embedded PostgreSQL)")
@@ -327,6 +340,32 @@ async def _migrate(args: argparse.Namespace, cfg: Config) -> None:
     emit(args, {"applied": applied}, f"applied: {', '.join(applied)}" if applied else "up to date")
 
 
+@contextlib.contextmanager
+def pid_file(path: str) -> Iterator[None]:
+    """Where `patgate reload` finds the running server; best effort, never fatal."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"{os.getpid()}\n")
+    except OSError as error:
+        print(f"patgate: warning: cannot write pid file {path}: {error}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if target.read_text().strip() == str(os.getpid()):
+                target.unlink()
+
+
+def read_pid(path: str) -> int:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        raise PatgateError(
+            f"no running patgate found: cannot read a pid from {path} (see --pid-file)"
+        ) from None
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from gateway.server import run_async, serve, serve_workers  # keeps `--help` fast
 
@@ -345,9 +384,16 @@ def dispatch(args: argparse.Namespace) -> int:
         migrate = args.migrate or is_embedded
         if args.workers < 1:
             raise ConfigError(["--workers: expected a number of processes, 1 or more"])
-        if args.workers > 1:
-            return serve_workers(cfg, url, args.workers, migrate=migrate)
-        run_async(serve(cfg, url, migrate=migrate))
+        with pid_file(args.pid_file):
+            if args.workers > 1:
+                return serve_workers(
+                    cfg, url, args.workers, migrate=migrate, config_path=args.config
+                )
+            run_async(serve(cfg, url, migrate=migrate, config_path=args.config))
+    elif handler == "reload":
+        pid = read_pid(args.pid_file)
+        os.kill(pid, signal.SIGHUP)
+        emit(args, {"signalled": pid}, f"sent SIGHUP to patgate (pid {pid})")
     else:
         run_async(_run_command(args, cfg))
     return 0

@@ -46,6 +46,8 @@ class InvalidationListener:
         try:
             tokens = orjson.loads(payload)["tokens"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
+            tokens = None
+        if not isinstance(tokens, list):
             log.warning("ignoring a malformed invalidation notice")
             return
         self.received += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -13,10 +14,13 @@ from typing import Any
 from aiohttp import web
 
 from gateway import logs, store
-from gateway.app import create_admin_app, create_app
-from gateway.config import Config, Listen
+from gateway.app import create_admin_app, create_app, reload
+from gateway.config import Config, Listen, load_config
+from gateway.errors import ConfigError
+from gateway.keys import LIVE, TELEMETRY
 
 SHUTDOWN_GRACE = 20.0
+log = logging.getLogger("patgate")
 
 
 def run_async(main: Coroutine[Any, Any, Any]) -> Any:
@@ -41,15 +45,28 @@ def bound_url(site: web.TCPSite) -> str:
 
 
 async def start_site(runner: web.AppRunner, listen: Listen, *, reuse_port: bool) -> web.TCPSite:
-    site = web.TCPSite(
-        runner,
-        listen.host,
-        listen.port,
-        reuse_port=reuse_port or None,
-        shutdown_timeout=SHUTDOWN_GRACE,
-    )
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port or None)
     await site.start()
     return site
+
+
+def try_reload(app: web.Application, config_path: str | None) -> bool:
+    """SIGHUP: read the config file again; a broken one changes nothing and is counted."""
+    telemetry = app[TELEMETRY]
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as error:
+        for line in error.errors:
+            log.error("reload refused: %s", line)
+        telemetry.reload(ok=False)
+        return False
+    restart_only = reload(app, cfg)
+    if restart_only:
+        log.warning("reloaded; these keys change only with a restart: %s", ", ".join(restart_only))
+    else:
+        log.info("configuration reloaded", extra={"fields": {"routes": len(cfg.routes)}})
+    telemetry.reload(ok=True)
+    return True
 
 
 async def serve(
@@ -58,14 +75,28 @@ async def serve(
     *,
     migrate: bool = False,
     reuse_port: bool = False,
+    config_path: str | None = None,
     started: Callable[[str, str], Awaitable[None] | None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; ``started(main_url, admin_url)`` once listening."""
+    """Serve until SIGTERM or SIGINT; ``started(main_url, admin_url)`` once listening.
+
+    Stopping drains: readiness turns false first, the listening sockets close, requests in
+    flight get up to SHUTDOWN_GRACE seconds to finish, then usage is flushed. SIGHUP reloads
+    routes, roles and identity headers from ``config_path``.
+    """
     logs.configure(cfg.logging.level)
     if migrate:
         await _migrate(database_url)
     app = create_app(cfg, database_url)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # handler_cancellation: a client that goes away cancels its handler, and with it the
+    # upstream request (SPEC §6), instead of leaving it to run to its end.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE,
+    )
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -82,17 +113,24 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, try_reload, app, config_path)
         await stop.wait()
-        print("patgate: stopping", file=sys.stderr, flush=True)
+        app[LIVE].draining = True
+        print("patgate: draining", file=sys.stderr, flush=True)
     finally:
-        await admin_runner.cleanup()
+        # Stops accepting, waits for the requests in flight, then flushes usage; the admin
+        # listener goes last, so /readyz keeps saying "draining" meanwhile.
         await runner.cleanup()
+        await admin_runner.cleanup()
+    print("patgate: stopped", file=sys.stderr, flush=True)
 
 
-def serve_workers(cfg: Config, database_url: str, workers: int, *, migrate: bool) -> int:
+def serve_workers(
+    cfg: Config, database_url: str, workers: int, *, migrate: bool, config_path: str | None
+) -> int:
     """``--workers N``: N forked processes sharing the listening ports (SO_REUSEPORT).
 
-    The parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits with
+    The parent only supervises: it forwards SIGTERM/SIGINT/SIGHUP to the workers, exits with
     the worst of their exit codes. Each worker has its own cache and pool; they share
     nothing but PostgreSQL.
     """
@@ -104,7 +142,7 @@ def serve_workers(cfg: Config, database_url: str, workers: int, *, migrate: bool
         if pid == 0:  # pragma: no cover - runs in the child
             code = 0
             try:
-                run_async(serve(cfg, database_url, reuse_port=True))
+                run_async(serve(cfg, database_url, reuse_port=True, config_path=config_path))
             except BaseException as error:  # the child must never return into the parent's code
                 detail = getattr(error, "detail", None) or f"{type(error).__name__}: {error}"
                 print(f"patgate: worker {os.getpid()}: error: {detail}", file=sys.stderr)
@@ -117,8 +155,8 @@ def serve_workers(cfg: Config, database_url: str, workers: int, *, migrate: bool
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
     worst = 0
     for child in children:
         _, status = os.waitpid(child, 0)

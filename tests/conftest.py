@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,15 +40,24 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The session's PostgreSQL server: $PATGATE_TEST_DATABASE_URL, or an embedded one."""
+def postgres_url() -> Iterator[str]:
+    """The session's PostgreSQL server: $PATGATE_TEST_DATABASE_URL, or an embedded one.
+
+    The embedded one lives in its own temporary directory, not pytest's basetemp: pytest
+    prunes old basetemps, which would pull the data directory from under a server that
+    another pytest run on the same machine still uses.
+    """
     configured = os.environ.get(TEST_DATABASE_ENV)
     if configured:
         yield configured
         return
-    server = embedded.start(tmp_path_factory.mktemp("postgres"), delete_on_stop=True)
-    yield server.url
-    server.stop()
+    folder = tempfile.mkdtemp(prefix="patgate-test-pg-")
+    server = embedded.start(folder, delete_on_stop=True)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +200,11 @@ async def make_gateway(
     database_url: str, aiohttp_client: Any
 ) -> Callable[[Config], Awaitable[TestClient[Any, Any]]]:
     async def start(cfg: Config) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(cfg, database_url))
+        # As in server.serve. aiohttp's TestServer already starts every runner with
+        # handler_cancellation=True (and drops these kwargs); passed so the intent is kept.
+        client: TestClient[Any, Any] = await aiohttp_client(
+            create_app(cfg, database_url), server_kwargs={"handler_cancellation": True}
+        )
         return client
 
     return start

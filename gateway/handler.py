@@ -1,0 +1,193 @@
+"""The main listener's request path, top to bottom:
+canonical path → route → authenticate → authorize → forward (or answer forward-auth).
+
+Every gateway error becomes problem+json here, in one place, and every request ends in
+one metrics update and one access-log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from time import perf_counter
+from typing import Any
+
+from aiohttp import web
+
+from gateway.auth import Identity, identity_headers
+from gateway.config import Route
+from gateway.errors import (
+    AuthError,
+    BadRequest,
+    DatabaseUnavailable,
+    Forbidden,
+    ForwardAuthDenied,
+    MethodNotAllowed,
+    NotFound,
+    PatgateError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    problem_response,
+)
+from gateway.headers import is_trusted, request_client_ip
+from gateway.keys import AUTHENTICATOR, FORWARDER, LIVE, SIGNER, TELEMETRY, UI, USAGE, Runtime
+from gateway.management.ui import PREFIX as UI_PREFIX
+from gateway.paths import canonical_path
+from gateway.policy import authorize
+from gateway.proxy import TOKEN_EXPIRES_HEADER
+
+log = logging.getLogger("patgate")
+
+RESERVED_PREFIX = "/_patgate/"
+FORWARD_AUTH_PATH = "/_patgate/auth"
+JWKS_PATH = "/_patgate/.well-known/jwks.json"
+NO_ROUTE = "-"  # the route label of requests answered before a route was chosen
+RESERVED_LABEL = "_patgate"  # ... and of forward-auth, the JWKS and the page
+
+
+class GatewayHandler:
+    """The catch-all handler of the main listener."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.live = app[LIVE]
+        self.telemetry = app[TELEMETRY]
+        self.signer = app.get(SIGNER)
+        self.ui = app.get(UI)
+
+    async def decide(
+        self, request: web.Request, rt: Runtime, host: str | None, method: str, path: str
+    ) -> tuple[Route, Identity | None]:
+        """Route, authenticate, authorize: the one decision behind proxying and forward-auth."""
+        route = rt.routes.match(host, method, path)
+        if route.public:
+            return route, None
+        authorization = request.headers.getall("Authorization", [])
+        if len(authorization) > 1:
+            raise BadRequest("only one Authorization header is allowed")
+        try:
+            identity = await self.app[AUTHENTICATOR].authenticate(
+                authorization[0] if authorization else None
+            )
+        except AuthError as error:
+            self.telemetry.auth_outcome(error.reason)
+            raise
+        except DatabaseUnavailable:
+            self.telemetry.auth_outcome("database_unavailable")
+            raise
+        client = request_client_ip(request.remote, request.headers, rt.cfg.trusted_proxies)
+        self.app[USAGE].record(identity.token_id, client)
+        if not authorize(identity.permissions, route.require, route.require_any):
+            self.telemetry.auth_outcome("forbidden")
+            raise Forbidden("the token lacks a permission this route requires")
+        self.telemetry.auth_outcome("ok")
+        return route, identity
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = perf_counter()
+        rt = self.live.runtime
+        request_id = rt.header_policy.request_id(request.headers) or secrets.token_hex(16)
+        label, identity, forwarded = NO_ROUTE, None, None
+        response: web.StreamResponse
+        try:
+            raw_path, _, query = request.raw_path.partition("?")
+            path = canonical_path(raw_path)
+            if path.startswith(RESERVED_PREFIX):
+                label = RESERVED_LABEL
+                response = await self.reserved(request, rt, path, request_id)
+            else:
+                route, identity = await self.decide(request, rt, request.host, request.method, path)
+                label = route.name
+                url = rt.routes.upstream_url(route, path, query)
+                forwarded = perf_counter()
+                response = await self.app[FORWARDER].forward(
+                    request, route, url, identity, request_id
+                )
+        except PatgateError as error:
+            if isinstance(error, UpstreamTimeout | UpstreamUnavailable):
+                self.telemetry.upstream_error(error.code)
+            response = self.refused(error, rt, request_id)
+        except Exception:  # a bug: still problem+json, and logged with its request id
+            log.exception("gateway error", extra={"fields": {"request_id": request_id}})
+            response = self.refused(PatgateError(), rt, request_id)
+
+        def fields() -> dict[str, Any]:
+            return {
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.raw_path.partition("?")[0],
+                "user_id": identity.user_id if identity else None,
+                "company_id": identity.company_id if identity else None,
+                "token_id": identity.token_id if identity else None,
+                "client_ip": request_client_ip(
+                    request.remote, request.headers, rt.cfg.trusted_proxies
+                ),
+            }
+
+        self.telemetry.request(
+            route=label,
+            method=request.method,
+            status=response.status,
+            started=started,
+            forwarded=forwarded,
+            ended=perf_counter(),
+            fields=fields,
+        )
+        return response
+
+    async def reserved(
+        self, request: web.Request, rt: Runtime, path: str, request_id: str
+    ) -> web.StreamResponse:
+        """Paths under /_patgate/ that are not the management API: never proxied."""
+        if path == FORWARD_AUTH_PATH:
+            return await self.forward_auth(request, rt, request_id)
+        if path == JWKS_PATH and self.signer is not None:
+            return web.json_response(self.signer.jwks())
+        if path.startswith(UI_PREFIX) and self.ui is not None and request.method in ("GET", "HEAD"):
+            return self.ui.serve(path)
+        raise NotFound()
+
+    def refused(self, error: PatgateError, rt: Runtime, request_id: str) -> web.Response:
+        if isinstance(error, AuthError):
+            fields = {"reason": error.reason, "request_id": request_id}
+            log.info("token refused", extra={"fields": fields})
+        return problem_response(error, request_id, rt.cfg.identity_headers.request_id)
+
+    async def forward_auth(
+        self, request: web.Request, rt: Runtime, request_id: str
+    ) -> web.Response:
+        """``/_patgate/auth`` for an ingress that keeps proxying itself (nginx ``auth_request``,
+        Traefik ``ForwardAuth``): 200 with the identity headers, or 401/403 problem+json.
+
+        The original request is described by ``X-Original-URI``/``X-Original-Method`` (nginx)
+        or ``X-Forwarded-Uri``/``-Method``/``-Host`` (Traefik), believed only from
+        ``trusted_proxies``. Route table and permissions are the proxy's. nginx knows only
+        2xx, 401 and 403, so a bad path or an unknown route or method answers 403 (the
+        problem's ``type`` still says which); a database outage stays 503.
+        """
+        if not is_trusted(request.remote or "", rt.cfg.trusted_proxies):
+            raise Forbidden("forward-auth answers only the proxies in trusted_proxies")
+        headers = request.headers
+        uri = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
+        method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
+        if not uri or not method:
+            raise BadRequest(
+                "forward-auth needs X-Original-URI and X-Original-Method "
+                "(or X-Forwarded-Uri and X-Forwarded-Method)"
+            )
+        host = headers.get("X-Forwarded-Host") or request.host
+        try:
+            path = canonical_path(uri.partition("?")[0])
+            route, identity = await self.decide(request, rt, host, method.upper(), path)
+        except (BadRequest, NotFound, MethodNotAllowed) as error:
+            raise ForwardAuthDenied(error) from error
+        names = rt.cfg.identity_headers
+        response = web.Response(status=200)
+        response.headers[names.request_id] = request_id
+        if identity is not None:
+            response.headers.extend(identity_headers(names, identity))
+            if self.signer is not None:
+                response.headers[self.signer.header] = self.signer.sign(identity, route.name)
+            if identity.expires_header is not None:
+                response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
+        return response
