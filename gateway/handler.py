@@ -55,13 +55,11 @@ class GatewayHandler:
         self.signer = app.get(SIGNER)
         self.ui = app.get(UI)
 
-    async def decide(
-        self, request: web.Request, rt: Runtime, host: str | None, method: str, path: str
-    ) -> tuple[Route, Identity | None]:
-        """Route, authenticate, authorize: the one decision behind proxying and forward-auth."""
-        route = rt.routes.match(host, method, path)
+    async def admit(self, request: web.Request, rt: Runtime, route: Route) -> Identity | None:
+        """Authenticate and authorize for ``route``: the decision behind proxying and
+        forward-auth alike (the route comes from the same table for both)."""
         if route.public:
-            return route, None
+            return None
         authorization = request.headers.getall("Authorization", [])
         if len(authorization) > 1:
             raise BadRequest("only one Authorization header is allowed")
@@ -81,7 +79,7 @@ class GatewayHandler:
             self.telemetry.auth_outcome("forbidden")
             raise Forbidden("the token lacks a permission this route requires")
         self.telemetry.auth_outcome("ok")
-        return route, identity
+        return identity
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = perf_counter()
@@ -96,8 +94,9 @@ class GatewayHandler:
                 label = RESERVED_LABEL
                 response = await self.reserved(request, rt, path, request_id)
             else:
-                route, identity = await self.decide(request, rt, request.host, request.method, path)
+                route = rt.routes.match(request.host, request.method, path)
                 label = route.name
+                identity = await self.admit(request, rt, route)
                 url = rt.routes.upstream_url(route, path, query)
                 forwarded = perf_counter()
                 response = await self.app[FORWARDER].forward(
@@ -178,9 +177,10 @@ class GatewayHandler:
         host = headers.get("X-Forwarded-Host") or request.host
         try:
             path = canonical_path(uri.partition("?")[0])
-            route, identity = await self.decide(request, rt, host, method.upper(), path)
+            route = rt.routes.match(host, method.upper(), path)
         except (BadRequest, NotFound, MethodNotAllowed) as error:
             raise ForwardAuthDenied(error) from error
+        identity = await self.admit(request, rt, route)
         names = rt.cfg.identity_headers
         response = web.Response(status=200)
         response.headers[names.request_id] = request_id

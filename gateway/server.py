@@ -57,7 +57,7 @@ def try_reload(app: web.Application, config_path: str | None) -> bool:
         cfg = load_config(config_path)
     except ConfigError as error:
         for line in error.errors:
-            log.error("reload refused: %s", line)
+            log.error("reload refused", extra={"fields": {"error": line}})
         telemetry.reload(ok=False)
         return False
     restart_only = reload(app, cfg)
