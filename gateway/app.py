@@ -146,7 +146,8 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
         app[MANAGEMENT] = api
         app[UI] = StaticPage()
         app.add_subapp(API_PREFIX, api.app())
-    app.router.add_route("*", "/{tail:.*}", GatewayHandler(app).handle)
+    # [\s\S]: aiohttp matches the decoded path, and "." would stop at a decoded newline.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", GatewayHandler(app).handle)
     return app
 
 

@@ -9,8 +9,8 @@ What it does:
 - resolves literal ``.`` and ``..`` segments per RFC 3986 §5.2.4 (a trailing ``/.`` or
   ``/..`` leaves a trailing slash, as the RFC does); a ``..`` that would climb above ``/``
   is refused instead of being silently clamped;
-- keeps repeated slashes as they are (``//a//b`` stays): empty segments are segments, so a
-  ``..`` pops exactly one of them;
+- keeps repeated slashes as they are (``//a//b`` stays); a ``..`` right after repeated
+  slashes is refused, since upstreams that merge slashes would resolve it differently;
 - never decodes, re-encodes or re-cases a percent escape: the output is a substring-wise
   selection of the client's own segments.
 
@@ -101,6 +101,10 @@ def _remove_dot_segments(path: str) -> str:
         elif segment == "..":
             if not out:
                 raise BadPath("the path climbs above the root")
+            if out[-1] == "":
+                # "/a//../b": RFC 3986 pops the empty segment (→ /a/b), an upstream that
+                # merges slashes first pops "a" (→ /b). Two readings: refuse.
+                raise BadPath("'..' after repeated slashes is ambiguous")
             out.pop()
             if index == last:
                 out.append("")

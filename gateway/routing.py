@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.config import Route
-from gateway.errors import MethodNotAllowed, NotFound
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 
 __all__ = ["RouteTable", "normalize_host", "split_upstream"]
 
@@ -48,20 +48,42 @@ def _normalize_escape(match: re.Match[str]) -> str:
 
 
 def _route_key(path: str) -> str:
-    """The form a path is compared in: escapes of unreserved characters decoded."""
+    """The form a path is compared in: escapes of unreserved characters decoded, and runs of
+    slashes merged — many upstreams (nginx, Tomcat, Apache) serve ``//admin`` as ``/admin``,
+    so ``//admin`` must be authorized as ``/admin``. Only the comparison merges: the path is
+    forwarded as the client sent it."""
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
     if "%" not in path:
         return path
     return _ESCAPE.sub(_normalize_escape, path)
 
 
+# A host name (letters, digits, "-", "_", dots, optional trailing dot) or a bracketed IPv6
+# address, and an optional port: anything else in Host is refused, because upstreams and
+# libraries read malformed values differently (``a.example:80:80``, ``evil@a.example``).
+_VALID_HOST = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?"
+    r"|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+)
+_SLASHES = re.compile(r"/{2,}")
+
+
 def normalize_host(host: str) -> str:
-    """``Example.COM.:8080`` → ``example.com``; ``[::1]:8080`` → ``::1``; port-less as is."""
-    if host.startswith("["):
-        end = host.find("]")
-        host = host[1:end] if end > 0 else host[1:]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
+    """``Example.COM.:8080`` → ``example.com``; ``[::1]:8080`` → ``::1``; port-less as is.
+
+    Raises ``BadRequest`` for a value that is not a host name or bracketed IPv6 address with
+    an optional port.
+    """
+    if _VALID_HOST.fullmatch(host) is None:
+        raise BadRequest("the Host header is not a valid host")
+    host = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
     return host.rstrip(".").lower()
+
+
+def _configured_host(host: str) -> str:
+    """A route's ``match.host`` (validated by the config): brackets and trailing dot off."""
+    return host.strip("[]").rstrip(".").lower()
 
 
 def split_upstream(upstream: str) -> tuple[str, str]:
@@ -78,12 +100,15 @@ def _strip_prefix(prefix: str, path: str) -> str:
     """
     if prefix == "/":
         return path
-    start = 0
-    for _ in range(prefix.count("/")):
-        start = path.find("/", start + 1)
-        if start < 0:
-            return "/"
-    return path[start:]
+    wanted = prefix.count("/")  # the prefix's segments (it has no empty ones)
+    segments = path.split("/")
+    for index, segment in enumerate(segments[1:], start=1):
+        if segment:  # empty segments (repeated slashes) were merged when matching
+            wanted -= 1
+            if wanted == 0:
+                rest = "/".join(segments[index + 1 :])
+                return "/" + rest if index + 1 < len(segments) else "/"
+    return "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +190,7 @@ class RouteTable:
         any_host: list[tuple[int, Route]] = []
         for order, route in enumerate(self.routes):
             if route.match.host:
-                by_host.setdefault(normalize_host(route.match.host), []).append((order, route))
+                by_host.setdefault(_configured_host(route.match.host), []).append((order, route))
             else:
                 any_host.append((order, route))
         self._by_host = {host: _build_index(found) for host, found in by_host.items()}
@@ -189,8 +214,9 @@ class RouteTable:
         return f"RouteTable({len(self.routes)} routes)"
 
     def _indexes(self, host: str | None) -> tuple[_Index, ...]:
-        if host and self._by_host:
-            index = self._by_host.get(normalize_host(host))
+        if host:
+            name = normalize_host(host)  # validates every request's Host, used or not
+            index = self._by_host.get(name) if self._by_host else None
             if index is not None:
                 return (index, self._any_host)
         return (self._any_host,)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import Route, RouteMatch
-from gateway.errors import MethodNotAllowed, NotFound
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from gateway.routing import RouteTable, normalize_host, split_upstream
 
 UP = "http://127.0.0.1:9000"
@@ -140,10 +140,44 @@ def test_route_with_host_does_not_match_other_hosts(host: str | None) -> None:
 
 
 @pytest.mark.parametrize("config_host", ["[::1]", "::1"])
-@pytest.mark.parametrize("host", ["[::1]:8080", "[::1]", "::1"])
+@pytest.mark.parametrize("host", ["[::1]:8080", "[::1]"])
 def test_ipv6_hosts(config_host: str, host: str) -> None:
     table = RouteTable([route("v6", prefix="/", host=config_host)])
     assert table.match(host, "GET", "/").name == "v6"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "::1",  # IPv6 must be bracketed in Host
+        "admin.example:80:80",
+        "admin.example, evil.example",
+        "evil@admin.example",
+        "admin.example/x",
+        "admin example",
+        "admin.example:",
+    ],
+)
+def test_a_malformed_host_is_refused_whatever_the_routes(host: str) -> None:
+    """Upstreams read such values differently (nginx and Express cut at the first ':')."""
+    table = RouteTable([route("public", prefix="/")])
+    with pytest.raises(BadRequest):
+        table.match(host, "GET", "/")
+
+
+def test_repeated_slashes_are_authorized_as_one() -> None:
+    """nginx, Tomcat and Apache serve //admin as /admin: so must the decision."""
+    table = RouteTable([route("public", prefix="/"), route("admin", prefix="/admin")])
+    assert table.match(None, "GET", "//admin").name == "admin"
+    assert table.match(None, "GET", "/x///admin").name == "public"
+    assert table.match(None, "GET", "///admin//users").name == "admin"
+
+
+def test_strip_prefix_counts_segments_across_repeated_slashes() -> None:
+    r = route("api", prefix="/api", strip_prefix=True)
+    table = RouteTable([r])
+    assert table.forward_path(r, "//api//x") == "//x"
+    assert table.forward_path(r, "/api/") == "/"
 
 
 def test_normalize_host() -> None:
