@@ -6,13 +6,16 @@ Everything it creates lives in a temporary database directory that is deleted on
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
+import jwt
 import orjson
 from aiohttp import web
 
@@ -26,8 +29,12 @@ DEMO_USERS = (
     ("u-alice", "admin", "alice@acme.example"),
     ("u-bob", "field_user", "bob@acme.example"),
 )
+DEMO_ADMIN = "u-alice"
 UPSTREAM_ENV = "PATGATE_UPSTREAM"
+SESSION_SECRET_ENV = "PATGATE_SESSION_SECRET"  # config/gateway.yaml reads hs256_secret from it
 DEFAULT_UPSTREAM_PORT = 9000
+UI_SESSION_SECONDS = 4 * 3600
+UI_PATH = "/_patgate/ui/"
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -79,9 +86,39 @@ async def _seed(cfg: Config, database_url: str) -> dict[str, str]:
     return tokens
 
 
-async def _show(main_url: str, tokens: dict[str, str]) -> None:
+def ui_link(cfg: Config, main_url: str, *, now: float | None = None) -> str | None:
+    """The token page signed in as the demo admin: a short-lived session JWT (with a second
+    factor, so it may create tokens) in the URL fragment, which the page moves to
+    sessionStorage at once. None when the config takes no HS256 sessions."""
+    sessions = cfg.management.sessions
+    if not cfg.management.enabled or not sessions.hs256_secret:
+        return None
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, object] = {
+        sessions.claims.user: DEMO_ADMIN,
+        sessions.claims.company: DEMO_COMPANY[0],
+        "amr": ["mfa"],
+        "iat": issued,
+        "exp": issued + UI_SESSION_SECONDS,
+    }
+    if sessions.issuer is not None:
+        claims["iss"] = sessions.issuer
+    if sessions.audience is not None:
+        claims["aud"] = sessions.audience
+    session = jwt.encode(claims, sessions.hs256_secret, algorithm="HS256")
+    return f"{main_url}{UI_PATH}#session={session}"
+
+
+async def _show(main_url: str, tokens: dict[str, str], link: str | None) -> None:
     alice, bob = tokens["u-alice"], tokens["u-bob"]
     curl = f"curl -s {main_url}/api/jobs/42 -H {shlex.quote('Authorization: Bearer ' + alice)}"
+    page = (
+        f"\nThe self-service token page, signed in as {DEMO_ADMIN} for "
+        f"{UI_SESSION_SECONDS // 3600} hours (the link holds a session; keep it to yourself):\n"
+        f"  {link}\n"
+        if link
+        else ""
+    )
     print(
         f"""
 patgate demo is running: gateway {main_url}
@@ -95,7 +132,7 @@ A request through the gateway, as alice - the echo upstream shows the identity h
 
 Without a token (401):
   curl -si {main_url}/api/jobs/42
-""",
+{page}""",
         flush=True,
     )
     async with (
@@ -121,7 +158,7 @@ async def _main(cfg: Config, database_url: str, upstream_port: int) -> None:
     try:
         await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
         tokens = await _seed(cfg, database_url)
-        await serve(cfg, database_url, started=lambda url, _: _show(url, tokens))
+        await serve(cfg, database_url, started=lambda url, _: _show(url, tokens, ui_link(cfg, url)))
     finally:
         await runner.cleanup()
 
@@ -130,6 +167,9 @@ def run(config_path: str | None) -> None:
     upstream_port = _upstream_port()
     # config/gateway.yaml sends its routes to ${PATGATE_UPSTREAM}: the echo server here.
     os.environ[UPSTREAM_ENV] = f"http://127.0.0.1:{upstream_port}"
+    # The token page's link carries a session JWT: sign it with a secret made for this run.
+    if not os.environ.get(SESSION_SECRET_ENV):
+        os.environ[SESSION_SECRET_ENV] = secrets.token_urlsafe(36)  # 48 characters
     cfg = load_config(config_path)
     base = Path(cfg.database.data_dir).expanduser()
     base.mkdir(parents=True, exist_ok=True)

@@ -323,6 +323,16 @@ class ManagementApi:
         await self.service.revoke_leaked(tokens, ip=ip)
         return json_response({"status": "accepted"}, status=202)
 
+    async def list_roles(self, call: Call) -> web.StreamResponse:
+        """The roles the caller may give a token: those whose every permission they hold."""
+        granted = call.actor.permissions
+        roles = [
+            {"name": name, "permissions": sorted(permissions)}
+            for name, permissions in self.cfg.roles.items()
+            if all(allows(granted, p) for p in permissions)
+        ]
+        return json_response({"items": roles})
+
     async def list_users(self, call: Call) -> web.StreamResponse:
         users = await self.service.list_users(call.actor)
         return json_response({"items": [user_json(u) for u in users]})
@@ -383,6 +393,7 @@ class ManagementApi:
         add("POST", "/tokens/{id}/refresh", signed(self.refresh_token))
         add("POST", "/tokens/{id}/rotate", signed(self.rotate_token))
         add("GET", "/tokens/{id}/events", signed(self.token_events))
+        add("GET", "/roles", signed(self.list_roles))
         add("GET", "/users", signed(self.list_users))
         add("PUT", "/users/{id}", signed(self.put_user))
         add("PATCH", "/users/{id}", signed(self.patch_user))

@@ -113,6 +113,8 @@ SCHEMAS: dict[str, Schema] = {
         updated_at=TIME,
     ),
     "UserList": obj(items=array(ref("User"))),
+    "Role": obj(name=STR, permissions=STRINGS),
+    "RoleList": obj(items=array(ref("Role"))),
     "Me": obj(
         user_id=STR,
         company_id=STR,
@@ -238,6 +240,13 @@ PATHS: dict[str, Schema] = {
     "/tokens/{id}/events": {
         "parameters": TOKEN_ID,
         "get": op("tokenEvents", "A token's audit trail", "EventList", 404),
+    },
+    "/roles": {
+        "get": op(
+            "listRoles",
+            "The roles the caller may give a token: every permission of each is the caller's",
+            "RoleList",
+        )
     },
     "/users": {"get": op("listUsers", "The company's users (users:admin)", "UserList")},
     "/users/{id}": {
