@@ -16,7 +16,8 @@ What it does:
 
 What it refuses: a path not starting with ``/``; ``#``; ``;`` (path parameters); a literal
 backslash; control characters (0x00-0x1f, 0x7f), raw or percent-encoded; ``%2F`` and
-``%5C`` (encoded separators); malformed escapes (``%zz``, ``%4``); and any ``%2E`` at all.
+``%5C`` (encoded separators); ``%3B`` (a parameter once decoded); malformed escapes
+(``%zz``, ``%4``); and any ``%2E`` at all.
 Refusing every encoded dot, not only the encoded dot *segments* (``%2e``, ``.%2e``,
 ``%2e%2e``), is deliberate: it is simpler to reason about, and no legitimate client needs
 to percent-encode an unreserved character.
@@ -41,8 +42,8 @@ _REFUSED_CHAR = re.compile(r"[\\;#\x00-\x1f\x7f]")
 # "%" not followed by two hex digits.
 _MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
-# Escapes that decode to ".", "/", "\" or a control character.
-_REFUSED_ESCAPE = re.compile(r"%(?:2[EeFf]|5[Cc]|[01][0-9A-Fa-f]|7[Ff])")
+# Escapes that decode to ".", "/", ";", "\" or a control character.
+_REFUSED_ESCAPE = re.compile(r"%(?:2[EeFf]|3[Bb]|5[Cc]|[01][0-9A-Fa-f]|7[Ff])")
 
 
 def _char_reason(char: str) -> str:
@@ -63,6 +64,8 @@ def _escape_reason(escape: str) -> str:
         return "an encoded slash (%2F) is not allowed in the path"
     if code == 0x5C:
         return "an encoded backslash (%5C) is not allowed in the path"
+    if code == 0x3B:  # an upstream that decodes before stripping ;params reads a parameter
+        return "an encoded semicolon (%3B) is not allowed in the path"
     return "encoded control characters are not allowed in the path"
 
 

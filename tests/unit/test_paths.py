@@ -38,6 +38,8 @@ ACCEPTED = [
 ]
 
 REJECTED = [
+    "/admin%3bx",  # an encoded ";": a parameter to upstreams that decode first
+    "/a%3B/b",
     # ".." after repeated slashes: RFC 3986 and slash-merging upstreams disagree
     "/a//../c",
     "//..",
