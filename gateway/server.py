@@ -20,6 +20,12 @@ from gateway.errors import ConfigError
 from gateway.keys import LIVE, TELEMETRY
 
 SHUTDOWN_GRACE = 20.0
+
+
+def say(line: str) -> None:
+    """One status line on stderr, in one write: worker processes never merge lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 log = logging.getLogger("patgate")
 
 
@@ -104,25 +110,25 @@ async def serve(
         site = await start_site(runner, cfg.listen, reuse_port=reuse_port)
         admin_site = await start_site(admin_runner, cfg.admin_listen, reuse_port=reuse_port)
         main_url, admin_url = bound_url(site), bound_url(admin_site)
-        print(f"patgate: listening on {main_url} (admin {admin_url})", file=sys.stderr, flush=True)
-        if started is not None:
-            result = started(main_url, admin_url)
-            if result is not None:
-                await result
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, try_reload, app, config_path)
+        say(f"patgate: listening on {main_url} (admin {admin_url})")
+        if started is not None:
+            result = started(main_url, admin_url)
+            if result is not None:
+                await result
         await stop.wait()
         app[LIVE].draining = True
-        print("patgate: draining", file=sys.stderr, flush=True)
+        say("patgate: draining")
     finally:
         # Stops accepting, waits for the requests in flight, then flushes usage; the admin
         # listener goes last, so /readyz keeps saying "draining" meanwhile.
         await runner.cleanup()
         await admin_runner.cleanup()
-    print("patgate: stopped", file=sys.stderr, flush=True)
+    say("patgate: stopped")
 
 
 def serve_workers(
@@ -145,7 +151,7 @@ def serve_workers(
                 run_async(serve(cfg, database_url, reuse_port=True, config_path=config_path))
             except BaseException as error:  # the child must never return into the parent's code
                 detail = getattr(error, "detail", None) or f"{type(error).__name__}: {error}"
-                print(f"patgate: worker {os.getpid()}: error: {detail}", file=sys.stderr)
+                say(f"patgate: worker {os.getpid()}: error: {detail}")
                 code = 1
             os._exit(code)
         children.append(pid)
@@ -168,4 +174,4 @@ async def _migrate(database_url: str) -> None:
     async with store.connect(database_url) as conn:
         applied = await store.migrate(conn)
     if applied:
-        print(f"patgate: applied migrations {', '.join(applied)}", file=sys.stderr)
+        say(f"patgate: applied migrations {', '.join(applied)}")

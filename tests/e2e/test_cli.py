@@ -3,7 +3,6 @@ module's PostgreSQL database, with --json (parsed) and human output."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +27,6 @@ from tests.e2e.support import (
     write_config,
 )
 
-TOKEN_FORMAT = re.compile(r"pat_[0-9A-Za-z]{38}")
 MIGRATIONS = sorted(p.stem for p in (REPO / "gateway" / "migrations").glob("*.sql"))
 SLACK = timedelta(minutes=5)  # between the command's now() and the test's
 
@@ -55,7 +53,7 @@ def unique(kind: str) -> str:
 
 def new_company(cli: Cli) -> str:
     company_id = unique("c")
-    assert cli.json("company", "add", f"Company {company_id}", "--id", company_id)["id"]
+    assert cli.json("company", "add", "Company", "--id", company_id)["id"] == company_id
     return company_id
 
 
@@ -147,7 +145,7 @@ def test_token_create_json(cli: Cli) -> None:
 
     created = cli.json("token", "create", "--user", user_id, "--name", "CI")
 
-    assert TOKEN_FORMAT.fullmatch(created["token"])
+    assert TOKEN.fullmatch(created["token"])
     assert uuid.UUID(created["id"])
     assert created["prefix"] == created["token"][:8]
     assert created["name"] == "CI"
@@ -304,7 +302,7 @@ def test_rotate_replaces_a_token_and_reuse_revokes_the_chain(cli: Cli) -> None:
     before = show(cli, old["id"])
     reused = cli.fails("token", "rotate", old["id"])  # the old secret is in someone's hands
 
-    assert TOKEN_FORMAT.fullmatch(rotated["token"])
+    assert TOKEN.fullmatch(rotated["token"])
     assert rotated["token"] != old["token"]
     assert rotated["id"] != old["id"]
     assert rotated["name"] == old["name"]
