@@ -1,34 +1,82 @@
 """forward(): one request to its upstream and the answer back, streamed both ways.
 
-Upstream faults are translated here: refused/reset → 502, route ``timeout`` of silence →
-504. Redirects are passed through, never followed; bodies are never decompressed; no
-cookie is ever kept between requests (the client session has a dummy cookie jar).
+HTTP
+    Bodies are streamed in both directions with each hop's back-pressure (aiohttp's flow
+    control), so a multi-GB upload or download holds a few 64 KiB buffers, never the body;
+    a chunked or SSE answer reaches the client chunk by chunk, as the upstream sends it.
+    Faults are translated here: upstream refused or reset before answering → 502; the route
+    ``timeout`` of upstream silence (awaiting the answer, or between two of its chunks) →
+    504; ``max_body`` → 413, from ``Content-Length`` before connecting, or mid-stream for a
+    chunked body (the body generator raises, aiohttp's client wraps that in a
+    ``ClientConnectionError`` and drops the connection without the final chunk, so the
+    upstream never sees a complete body; ``_BodyLimit.exceeded`` tells it apart from a
+    real connection fault). Once the answer has started, a fault can no longer become a
+    status: the client connection is aborted, so the client sees a truncated response, never
+    a seemingly complete one. Redirects are passed through, never followed; bodies are
+    never decompressed; no cookie is kept between requests (a dummy cookie jar). A client
+    that goes away cancels the handler (the server runs with ``handler_cancellation``), and
+    the cancellation closes the upstream connection, so the upstream sees the client leave.
+
+WebSockets
+    A GET that is a WebSocket handshake (``is_websocket_upgrade``) on a route with
+    ``websocket: true`` has been authenticated and authorized like any request by the time
+    it gets here. The upstream handshake is made first, so an unreachable upstream is still
+    a 502 problem (a silent one past ``connect_timeout + timeout``: 504) and the client is
+    upgraded only once the upstream is. An upstream refusing the handshake with a status
+    has that status and its headers relayed, without the body (aiohttp's client has
+    released it). The client's subprotocols (its first ``Sec-WebSocket-Protocol`` header,
+    the one aiohttp's server reads) are offered upstream; the upstream's choice is the
+    client's answer. Messages, not bytes, are relayed: text, binary, ping and pong both ways;
+    a close frame's code and reason are passed on and the close handshake completed on
+    both sides; a peer that vanishes without one gets the other side closed with 1001. Each
+    hop does its own framing, without compression, and a message over ``MAX_WS_MESSAGE``
+    closes both sides with 1009. There is no idle timeout: a socket lives until a side ends.
+
+    Why aiohttp's client for WebSockets: a relay needs a handshake, a frame codec with
+    masking, ping/pong, per-message limits and close-code bookkeeping on each hop, and
+    ``ws_connect`` / ``WebSocketResponse`` are exactly that, tested upstream. The fast path
+    of issue 7 (pooled connections, httptools) replaces the *plain HTTP* forwarding, where
+    per-request overhead dominates; a WebSocket pays its handshake once and then costs per
+    message, so it keeps this path.
+
+    On a route with ``websocket: false`` the upgrade headers are stripped like every
+    hop-by-hop header and the request goes upstream as plain HTTP, as nginx does without
+    upgrade configuration; the upstream's answer is relayed as is.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway.auth import Identity
 from gateway.config import IdentityHeaders, IPNetwork, Route
-from gateway.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import (
     HeaderPolicy,
     clean_request_headers,
     clean_response_headers,
     forwarded_headers,
     is_trusted,
+    is_websocket_upgrade,
 )
 
 TOKEN_EXPIRES_HEADER = "X-Auth-Token-Expires-At"
 # Headers aiohttp's client would invent when the client did not send them.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 READ_CHUNK = 64 * 1024
+MAX_WS_MESSAGE = 4 * 1024 * 1024  # the largest WebSocket message relayed, in bytes
+WS_CLOSE_TIMEOUT = 5.0  # how long a close waits for the peer's answering close frame
+_WS_SCHEMES = {"http": "ws", "https": "wss"}
+# Headers that describe a body, dropped when the body is not relayed.
+_BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding"})
+
+_Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 def client_session() -> aiohttp.ClientSession:
@@ -41,13 +89,22 @@ def client_session() -> aiohttp.ClientSession:
     )
 
 
-async def _limited(body: web.Request, limit: int) -> AsyncIterator[bytes]:
-    seen = 0
-    async for chunk in body.content.iter_chunked(READ_CHUNK):
-        seen += len(chunk)
-        if seen > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        yield chunk
+class _BodyLimit:
+    """The request body as chunks, refused once it passes ``limit`` bytes."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content = content
+        self.limit = limit
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.content.iter_chunked(READ_CHUNK):
+            seen += len(chunk)
+            if seen > self.limit:
+                self.exceeded = True
+                raise PayloadTooLarge(f"the request body exceeds {self.limit} bytes")
+            yield chunk
 
 
 class Forwarder:
@@ -97,6 +154,13 @@ class Forwarder:
         headers[names.request_id] = request_id
         return headers
 
+    def _decorate(
+        self, response: web.StreamResponse, identity: Identity | None, request_id: str
+    ) -> None:
+        if identity is not None and identity.expires_header is not None:
+            response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
+        response.headers[self.names.request_id] = request_id
+
     async def forward(
         self,
         request: web.Request,
@@ -105,20 +169,26 @@ class Forwarder:
         identity: Identity | None,
         request_id: str,
     ) -> web.StreamResponse:
+        if route.websocket and request.method == "GET" and is_websocket_upgrade(request.headers):
+            return await self.websocket(request, route, url, identity, request_id)
         headers = self.request_headers(request, route, identity, request_id)
+        limit: _BodyLimit | None = None
         data: object = None
         if request.body_exists:
             length = request.content_length
             if route.max_body is not None:
                 if length is not None and length > route.max_body:
                     raise PayloadTooLarge(f"the request body exceeds {route.max_body} bytes")
-                data = _limited(request, route.max_body)
+                limit = _BodyLimit(request.content, route.max_body)
+                data = limit.chunks()
             else:
                 data = request.content
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=route.connect_timeout, sock_read=route.timeout
         )
         response: web.StreamResponse | None = None
+        fault: Exception
+        cause: Exception
         try:
             async with self.session.request(
                 request.method,
@@ -130,26 +200,165 @@ class Forwarder:
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(clean_response_headers(upstream.headers))
-                if identity is not None and identity.expires_header is not None:
-                    response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
-                response.headers[self.names.request_id] = request_id
+                self._decorate(response, identity, request_id)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except PayloadTooLarge:
-            if response is not None and response.prepared:
-                return _abort(request, response)
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            if response is not None and response.prepared:
-                return _abort(request, response)
-            raise UpstreamTimeout(f"the upstream did not answer within {route.timeout:g}s") from exc
+        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
+            fault = UpstreamTimeout(f"the upstream did not answer within {route.timeout:g}s")
+            cause = exc
         except (aiohttp.ClientError, OSError) as exc:
-            if response is not None and response.prepared:
-                return _abort(request, response)
+            if limit is not None and limit.exceeded:
+                fault = PayloadTooLarge(f"the request body exceeds {limit.limit} bytes")
+            else:
+                fault = UpstreamUnavailable("the upstream refused or reset the connection")
+            cause = exc
+        if response is not None and response.prepared:
+            return _abort(request, response)
+        raise fault from cause
+
+    async def websocket(
+        self,
+        request: web.Request,
+        route: Route,
+        url: str,
+        identity: Identity | None,
+        request_id: str,
+    ) -> web.StreamResponse:
+        """Handshake with the upstream, then with the client, then relay until one side ends."""
+        offered = _subprotocols(request.headers)
+        if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
+            raise BadRequest("the WebSocket handshake is malformed")
+        headers = self.request_headers(request, route, identity, request_id)
+        for name in [name for name in headers if name.lower().startswith("sec-websocket-")]:
+            headers.popall(name, None)  # aiohttp's client writes its own key, version, protocol
+        target = URL(url, encoded=True)
+        target = target.with_scheme(_WS_SCHEMES.get(target.scheme, target.scheme))
+        try:
+            async with asyncio.timeout(route.connect_timeout + route.timeout):
+                upstream = await self.session.ws_connect(
+                    target,
+                    headers=headers,
+                    protocols=offered,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT),
+                    autoclose=False,
+                    autoping=False,
+                    max_msg_size=MAX_WS_MESSAGE + 1,  # aiohttp refuses a size that reaches it
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 101:
+                raise UpstreamUnavailable("the upstream's WebSocket handshake is invalid") from exc
+            return self._refusal(exc.status, exc.headers, identity, request_id)
+        except TimeoutError as exc:
+            raise UpstreamTimeout("the upstream did not complete the WebSocket handshake") from exc
+        except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable("the upstream refused or reset the connection") from exc
+
+        client = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            timeout=WS_CLOSE_TIMEOUT,
+            autoclose=False,
+            autoping=False,
+            compress=False,
+            max_msg_size=MAX_WS_MESSAGE + 1,  # aiohttp refuses a size that reaches it
+        )
+        self._decorate(client, identity, request_id)
+        try:
+            await client.prepare(request)
+        except BaseException:
+            await upstream.close(code=WSCloseCode.GOING_AWAY)
+            raise
+        await _relay(client, upstream)
+        return client
+
+    def _refusal(
+        self,
+        status: int,
+        headers: MultiMapping[str] | None,
+        identity: Identity | None,
+        request_id: str,
+    ) -> web.Response:
+        """The upstream answered the handshake with ``status``: relay it, without a body."""
+        response = web.Response(status=status)
+        if headers is not None:
+            for name, value in clean_response_headers(headers).items():
+                if name.lower() not in _BODY_HEADERS:
+                    response.headers.add(name, value)
+        self._decorate(response, identity, request_id)
+        return response
+
+
+def _subprotocols(headers: MultiMapping[str]) -> tuple[str, ...]:
+    offered = headers.get("Sec-WebSocket-Protocol", "")
+    return tuple(name for name in (part.strip() for part in offered.split(",")) if name)
+
+
+async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Pump messages both ways until both sides have closed.
+
+    Cancelled (the client vanished, which cancels its handler, or the server stops), it
+    closes both sides itself before stopping the pumps, passing on a side's error code
+    (aiohttp closes the transport on a protocol error or an oversized message, and that
+    cancels the handler before the pump has passed the code on) or else 1001.
+    """
+    pumps = (
+        asyncio.create_task(_pump(client, upstream)),
+        asyncio.create_task(_pump(upstream, client)),
+    )
+    try:
+        await asyncio.wait(pumps)  # unlike gather, a cancellation here leaves the pumps be
+    finally:
+        try:
+            await client.close(code=_close_code(upstream.exception()))
+            await upstream.close(code=_close_code(client.exception()))
+        finally:
+            for pump in pumps:
+                pump.cancel()
+    for pump in pumps:
+        pump.result()  # a bug in a pump is raised, not lost
+
+
+def _close_code(error: BaseException | None) -> int:
+    return error.code if isinstance(error, WebSocketError) else WSCloseCode.GOING_AWAY
+
+
+async def _pump(source: _Socket, sink: _Socket) -> None:
+    """Relay ``source``'s messages to ``sink`` until ``source`` ends, then pass its end on.
+
+    Closing ``sink`` wakes the other pump, waiting in ``sink.receive()``, with CLOSING.
+    """
+    try:
+        while True:
+            message = await source.receive()
+            kind = message.type
+            if kind is WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif kind is WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif kind is WSMsgType.PING:
+                await sink.ping(message.data)
+            elif kind is WSMsgType.PONG:
+                await sink.pong(message.data)
+            elif kind is WSMsgType.CLOSE:
+                code = message.data or WSCloseCode.OK  # 0: a close frame without a code
+                await sink.close(code=code, message=(message.extra or "").encode())
+                await source.close(code=code)  # the answering close frame, echoing the code
+                return
+            elif kind is WSMsgType.ERROR:  # aiohttp has closed source with the error's code
+                error = message.data
+                if isinstance(error, WebSocketError):
+                    await sink.close(code=error.code, message=str(error).encode()[:123])
+                else:
+                    await sink.close(code=WSCloseCode.INTERNAL_ERROR)
+                return
+            else:  # CLOSING: the other pump is closing source; CLOSED: source vanished
+                if kind is WSMsgType.CLOSED:
+                    await sink.close(code=WSCloseCode.GOING_AWAY)
+                return
+    except ConnectionError:  # sink went away mid-send; its own pump passes that on
+        return
 
 
 def _abort(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
