@@ -117,7 +117,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     session = client_session()
     cfg = app[CONFIG]
-    app[FORWARDER] = Forwarder(session, cfg.identity_headers, cfg.trusted_proxies)
+    app[FORWARDER] = Forwarder(
+        session, cfg.identity_headers, cfg.trusted_proxies, signer=app.get(SIGNER)
+    )
     yield
     await session.close()
 
@@ -168,11 +170,8 @@ def reload(app: web.Application, cfg: Config) -> list[str]:
     )
     # -- the swap: no await from here on
     live.runtime = runtime
-    forwarder = app.get(FORWARDER)
-    if forwarder is not None:
-        forwarder.names = cfg.identity_headers
-        forwarder.policy = runtime.header_policy
-        forwarder.trusted = cfg.trusted_proxies
+    if FORWARDER in app:
+        app[FORWARDER].configure(cfg.identity_headers, cfg.trusted_proxies)
     if AUTHENTICATOR in app:
         app[AUTHENTICATOR].roles = cfg.roles
     if MANAGEMENT in app and hasattr(app[MANAGEMENT], "service"):

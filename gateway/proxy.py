@@ -54,7 +54,8 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from gateway.auth import Identity
+from gateway.assertion import AssertionSigner
+from gateway.auth import Identity, identity_headers
 from gateway.config import IdentityHeaders, IPNetwork, Route
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import (
@@ -113,8 +114,14 @@ class Forwarder:
         session: aiohttp.ClientSession,
         names: IdentityHeaders,
         trusted_proxies: tuple[IPNetwork, ...],
+        signer: AssertionSigner | None = None,
     ) -> None:
         self.session = session
+        self.signer = signer
+        self.configure(names, trusted_proxies)
+
+    def configure(self, names: IdentityHeaders, trusted_proxies: tuple[IPNetwork, ...]) -> None:
+        """Set (or, on a reload, replace) the header names and trusted proxies in one step."""
         self.names = names
         self.policy = HeaderPolicy(names)
         self.trusted = trusted_proxies
@@ -146,11 +153,9 @@ class Forwarder:
             headers["Host"] = request.host
         names = self.names
         if identity is not None:
-            headers[names.user_id] = identity.user_id
-            headers[names.company_id] = identity.company_id
-            headers[names.token_id] = identity.token_id
-            headers[names.role] = identity.role
-            headers[names.permissions] = identity.permissions_header
+            headers.extend(identity_headers(names, identity))
+            if self.signer is not None:
+                headers[self.signer.header] = self.signer.sign(identity, route.name)
         headers[names.request_id] = request_id
         return headers
 

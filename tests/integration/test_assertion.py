@@ -134,3 +134,24 @@ def test_assertion_needs_a_key_file() -> None:
     with pytest.raises(ConfigError) as caught:
         gateway_config("http://127.0.0.1:9", identity_headers={"assertion": {"ttl": "1m"}})
     assert any(e.startswith("identity_headers.assertion.key_files:") for e in caught.value.errors)
+
+
+async def test_proxied_requests_carry_an_assertion_for_their_route(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, seed: Seeder, keys: list[str]
+) -> None:
+    user_id, token, _ = await seed.user_with_token("full_user")
+    client = await make_gateway(signing_config(upstream, keys))
+    jwks = jwt.PyJWKSet.from_dict(await (await client.get(JWKS)).json())
+
+    response = await client.get(
+        "/api/jobs/1", headers={"Authorization": f"Bearer {token}", "X-Auth-Assertion": "x"}
+    )
+
+    assert response.status == 200
+    [assertion] = upstream.last.all("X-Auth-Assertion")  # the client's own never arrives
+    key = jwks[jwt.get_unverified_header(assertion)["kid"]].key
+    claims = jwt.decode(assertion, key, algorithms=["ES256"], audience="jobs-read")
+    assert claims["sub"] == user_id
+    public = await client.get("/public/page")
+    assert public.status == 200
+    assert upstream.last.header("X-Auth-Assertion") is None  # no identity, no assertion
