@@ -25,11 +25,13 @@ from gateway.errors import (
     TokenRevoked,
     UnknownToken,
 )
-from gateway.policy import allows, effective_permissions, header_value
+from gateway.policy import allows, header_value
 from gateway.store import TokenRow
 from gateway.tokens import TokenFormat
+from gateway.views import rfc3339, token_permissions
 
 Failure = type[AuthError]
+__all__ = ["Authenticator", "Identity", "bearer_token", "failure_of", "identity_of", "rfc3339"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +81,8 @@ def failure_of(row: TokenRow | None, now: datetime) -> Failure | None:
     return None
 
 
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def identity_of(row: TokenRow, roles: Mapping[str, frozenset[str]]) -> Identity:
-    scopes = frozenset(row.scopes) if row.scopes is not None else None
-    permissions = effective_permissions(scopes, roles.get(row.owner_role, frozenset()))
+    permissions = token_permissions(row, roles)
     # The token's role names it only when the token really has all of that role's
     # permissions; a role stripped down to fit its owner is reported as the owner's role.
     role = row.owner_role

@@ -22,8 +22,9 @@ import orjson
 from gateway import embedded, store
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, NotFound, PatgateError
-from gateway.lifecycle import OPERATOR, Created, Expiry, TokenService, user_json
+from gateway.lifecycle import OPERATOR, Created, Expiry, TokenService
 from gateway.store import CompanyRow, TokenRow
+from gateway.views import user_json
 
 PID_FILE_ENV = "PATGATE_PID_FILE"
 DEFAULT_PID_FILE = ".patgate/patgate.pid"

@@ -16,12 +16,18 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from gateway import store
-from gateway.auth import rfc3339
 from gateway.config import Config
 from gateway.errors import Conflict, Forbidden, InvalidInput, NotFound
-from gateway.policy import allows, effective_permissions, excess, intersect
+from gateway.policy import allows, excess, intersect
 from gateway.store import TokenRow, UserRow
 from gateway.tokens import TokenFormat
+from gateway.views import (
+    TOKEN_STATES,
+    iso,
+    token_json,
+    token_permissions,
+    token_state,
+)
 
 MAX_NAME_LENGTH = 100
 MAX_LIFETIME_DAYS = 100 * 366  # beyond this "never expires" is the honest choice
@@ -30,7 +36,6 @@ TOKEN_MANAGING_PERMISSIONS = ("tokens:create", "tokens:admin")
 USER_STATUSES = ("active", "deactivated")
 # Changes that can shrink what a token may do: caches must forget the token at once.
 INVALIDATING_EVENTS = frozenset({"revoked", "refreshed", "rotated", "owner_role_changed"})
-TOKEN_STATES = ("active", "expired", "revoked")
 
 
 class _Unset:
@@ -73,42 +78,6 @@ class Created:
     dropped_permissions: tuple[str, ...]
 
 
-def token_state(row: TokenRow, now: datetime) -> str:
-    if row.revoked_at is not None:
-        return "revoked"
-    if row.expires_at is not None and row.expires_at <= now:
-        return "expired"
-    return "active"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return rfc3339(moment) if moment is not None else None
-
-
-def user_json(row: UserRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "company_id": row.company_id,
-        "role": row.role,
-        "status": row.status,
-        "email": row.email,
-        "created_at": _iso(row.created_at),
-        "updated_at": _iso(row.updated_at),
-    }
-
-
-def event_json(row: store.EventRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "token_id": str(row.token_id),
-        "event": row.event,
-        "actor": row.actor,
-        "at": _iso(row.at),
-        "ip": row.ip,
-        "detail": row.detail,
-    }
-
-
 class TokenService:
     def __init__(
         self,
@@ -133,28 +102,10 @@ class TokenService:
     # -- presentation ------------------------------------------------------------------------
 
     def permissions(self, row: TokenRow) -> frozenset[str]:
-        scopes = frozenset(row.scopes) if row.scopes is not None else None
-        return effective_permissions(scopes, self.roles.get(row.owner_role, frozenset()))
+        return token_permissions(row, self.roles)
 
     def token_json(self, row: TokenRow) -> dict[str, Any]:
-        return {
-            "id": str(row.id),
-            "name": row.name,
-            "prefix": row.prefix,
-            "state": token_state(row, self.now()),
-            "role": row.role,
-            "permissions": sorted(self.permissions(row)),
-            "user_id": row.user_id,
-            "company_id": row.company_id,
-            "created_at": _iso(row.created_at),
-            "created_by": row.created_by,
-            "expires_at": _iso(row.expires_at),
-            "last_used_at": _iso(row.last_used_at),
-            "last_used_ip": row.last_used_ip,
-            "revoked_at": _iso(row.revoked_at),
-            "revoked_reason": row.revoked_reason,
-            "rotated_to": str(row.rotated_to) if row.rotated_to else None,
-        }
+        return token_json(row, self.roles, self.now())
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -262,7 +213,7 @@ class TokenService:
                 created_by=actor.name,
                 expires_at=expires_at,
             )
-            detail = {"name": name, "role": role, "expires_at": _iso(expires_at)}
+            detail = {"name": name, "role": role, "expires_at": iso(expires_at)}
             if dropped:
                 detail["dropped_permissions"] = sorted(dropped)  # type: ignore[assignment]
             await self._events(tx, actor, [token_id], "created", detail)
@@ -347,7 +298,7 @@ class TokenService:
                 actor,
                 [row.id],
                 "refreshed",
-                {"from": _iso(row.expires_at), "to": _iso(expires_at)},
+                {"from": iso(row.expires_at), "to": iso(expires_at)},
             )
             return await self._reload(conn, row.id)
 
@@ -418,7 +369,7 @@ class TokenService:
                 actor,
                 [row.id],
                 "rotated",
-                {"rotated_to": str(successor), "valid_until": _iso(ends)},
+                {"rotated_to": str(successor), "valid_until": iso(ends)},
             )
             await self._events(
                 tx, actor, [successor], "created", {"name": row.name, "rotated_from": str(row.id)}

@@ -26,6 +26,8 @@ def say(line: str) -> None:
     """One status line on stderr, in one write: worker processes never merge lines."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
 log = logging.getLogger("patgate")
 
 

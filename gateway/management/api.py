@@ -40,12 +40,11 @@ from gateway.lifecycle import (
     Created,
     Expiry,
     TokenService,
-    event_json,
-    user_json,
 )
 from gateway.management.openapi import openapi_document
 from gateway.management.sessions import InvalidSession, SessionVerifier
 from gateway.policy import allows
+from gateway.views import event_json, user_json
 
 log = logging.getLogger("patgate.api")
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from gateway.config import Sessions
 from gateway.errors import PROBLEM_JSON
-from gateway.lifecycle import MAX_LIFETIME_DAYS, MAX_NAME_LENGTH, TOKEN_STATES, USER_STATUSES
+from gateway.lifecycle import MAX_LIFETIME_DAYS, MAX_NAME_LENGTH, USER_STATUSES
+from gateway.views import TOKEN_STATES
 
 Schema = dict[str, Any]
 

@@ -1,0 +1,546 @@
+"""A lean HTTP/1.1 client for the plain-HTTP forwarding hot path (issue 7).
+
+Why not aiohttp's client: it is general-purpose (cookies, redirects, auth, proxies,
+decompression, URL normalization, tracing, a ``ClientResponse`` with a ``StreamReader``,
+per-request timer contexts) and costs about three times the CPU per request of what a
+reverse proxy needs. This client does exactly that: a request head built with one join,
+sent over a pooled keep-alive connection; the answer parsed by llhttp (``httptools``) in
+an ``asyncio.Protocol``, its body handed over chunk by chunk as it arrives. No URL parsing
+beyond splitting each origin once, no logging.
+
+Flow control both ways: the request body is written with the transport's write
+back-pressure (``pause_writing``/``resume_writing``); response chunks the consumer has not
+taken yet are bounded by ``READ_HIGH_WATER`` (reading pauses above it, resumes when the
+consumer takes them), so a multi-GB download holds well under 1 MiB here.
+
+Framing is the pool's: ``Content-Length`` when the caller gives ``content_length``, else
+``Transfer-Encoding: chunked`` when there is a body, else nothing; the caller's own
+``Content-Length`` / ``Transfer-Encoding`` headers are dropped. ``Host`` is added only if
+absent. Names are sent as given and in order; the target is sent exactly as given.
+
+Faults: connect refused/reset or EOF before the answer → ``UpstreamUnavailable``; connect
+or ``read_timeout`` of upstream silence (awaiting the status line, between body chunks, or
+unable to write) → ``UpstreamTimeout``; an answer that is not valid HTTP, or one cut in the
+middle of a ``Content-Length`` or chunked body (raised by ``iter_chunks``) →
+``UpstreamUnavailable``. Exceptions of the caller's body iterator pass through unchanged.
+
+Stale connections: a pooled connection may have been closed by the upstream while idle.
+A request on a *reused* connection that ends (reset/EOF) before any byte of the answer
+arrived, and before any byte was taken from its body iterator, is retried once on a new
+connection, if its method is idempotent (``RETRY_METHODS``, RFC 9110 §9.2.2): a POST or
+PATCH may already have been acted upon, as aiohttp's client and Go's net/http also assume.
+Never after a byte of the answer, never once body bytes have been consumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Final, cast
+from urllib.parse import urlsplit
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_IDLE",
+    "READ_HIGH_WATER",
+    "RETRY_METHODS",
+    "UpstreamPool",
+    "UpstreamResponse",
+]
+
+DEFAULT_MAX_IDLE: Final = 100  # idle keep-alive connections kept per origin
+DEFAULT_IDLE_TIMEOUT: Final = 30.0  # seconds an idle connection may be reused for
+READ_HIGH_WATER: Final = 256 * 1024  # unconsumed response bytes above which reading pauses
+RETRY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_ENCODING: Final = "utf-8"
+_ERRORS: Final = "surrogateescape"  # as aiohttp: arbitrary header bytes survive a round trip
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: writes requests, feeds the answer's bytes to llhttp."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.parser = HttpResponseParser(self)
+        self.parser_spent = False  # after a HEAD, llhttp still awaits the announced body
+        self.lost = False
+        self.active = True  # checked out: bytes are expected
+        self.reused = False
+        self.idle_since = 0.0
+        self.read_timeout = 0.0
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.write_paused = False
+        self.reading_paused = False
+        self._waiter: asyncio.Future[bool] | None = None
+        self.start(b"", False, 0.0, write=False)
+
+    def start(self, head: bytes, is_head: bool, read_timeout: float, *, write: bool = True) -> None:
+        """Reset the per-exchange state and send the request head."""
+        if self.parser_spent:
+            self.parser = HttpResponseParser(self)
+            self.parser_spent = False
+        self.is_head = is_head
+        self.read_timeout = read_timeout
+        self.received = False  # any byte of the answer
+        self.body_started = False  # any byte taken from the body iterator
+        self.reusable = True  # False once the body was abandoned half-sent
+        self.status = 0
+        self._reason = b""
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.headers_done = False
+        self.interim = False
+        self.has_length = False
+        self.chunked = False
+        self.conn_close = False
+        self.complete = False
+        self.keep_alive = False
+        self.error: Exception | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        if self.write_paused:  # an early answer set it to wake the previous body writer
+            self.writable.clear()
+        if write:
+            self.transport.write(head)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:  # unsolicited bytes on an idle connection: it is unusable
+            self.abort()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade):
+            self._fail(UpstreamUnavailable("the upstream's answer is not valid HTTP"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.writable.set()
+        if not self.headers_done:
+            self._fail(UpstreamUnavailable("the upstream closed the connection before answering"))
+        elif not self.complete and self.error is None:
+            if self.has_length or self.chunked:
+                self._fail(UpstreamUnavailable("the upstream closed the connection mid-body"))
+            else:  # a close-delimited body ends here
+                self.complete = True
+                self.keep_alive = False
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.writable.set()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.headers_done:  # a second answer to one request: do not trust this connection
+            self.keep_alive = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason  # llhttp may deliver it in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # trailers are not relayed
+        size = len(name)
+        if size == 14 or size == 17 or size == 10:
+            lower = name.lower()
+            if lower == b"content-length":
+                self.has_length = True
+            elif lower == b"transfer-encoding":
+                self.chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
+            elif lower == b"connection":
+                self.conn_close = b"close" in value.lower()
+        self.headers.append((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:  # never asked for: upgrades go through the WebSocket path
+                self._fail(UpstreamUnavailable("the upstream switched protocols unasked"))
+                return
+            self.interim = True  # 100 Continue, 103 Early Hints: skipped
+            self.headers = []
+            self._reason = b""
+            self.has_length = self.chunked = self.conn_close = False
+            return
+        self.status = status
+        self.reason = self._reason.decode(_ENCODING, _ERRORS)
+        self.keep_alive = parser.should_keep_alive()
+        self.headers_done = True
+        if self.is_head:
+            # llhttp does not know the request was HEAD: it would wait for the announced
+            # body. The answer ends here; the next exchange gets a fresh parser.
+            self.complete = True
+            pass
+            if not self.keep_alive and not self.has_length and not self.chunked:
+                self.keep_alive = parser.get_http_version() == "1.1" and not self.conn_close
+        if self.write_paused:
+            self.writable.set()  # wakes a blocked body writer: the upstream answered early
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.is_head:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > READ_HIGH_WATER and not self.reading_paused:
+            self._hold()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+        self._wake()
+
+    # -- the consumer's side ------------------------------------------------------------------
+
+    def _hold(self) -> None:
+        self.reading_paused = True
+        self.transport.pause_reading()
+
+    def take(self) -> bytes:
+        """Every unconsumed body byte, as one chunk; reading resumes."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self.writable.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    async def wait(self) -> None:
+        """Until the parser or the transport reports something, at most ``read_timeout``."""
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        self._waiter = waiter
+        timer = self.loop.call_later(self.read_timeout, _expire, waiter)
+        try:
+            if not await waiter:
+                raise UpstreamTimeout(f"the upstream did not answer within {self.read_timeout:g}s")
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def answer(self) -> None:
+        """Until the status line and headers of the final answer have arrived."""
+        while not self.headers_done:
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+
+    async def send_body(self, body: AsyncIterator[bytes], length: int | None) -> None:
+        if self.lost:
+            raise UpstreamUnavailable("the upstream closed the connection before answering")
+        self.body_started = True
+        transport = self.transport
+        sent = 0
+        async for chunk in body:
+            if self.headers_done or self.error is not None or self.lost:
+                self.reusable = False  # answered early or gone: the rest is not sent
+                return
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if length is None:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            elif sent > length:
+                raise ValueError(f"the request body is longer than its length, {length}")
+            else:
+                transport.write(chunk)
+            if self.write_paused:
+                await self._drain()
+        if length is None:
+            transport.write(b"0\r\n\r\n")
+        elif sent != length:
+            raise ValueError(f"the request body is {sent} bytes, not its length, {length}")
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await self.writable.wait()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"the upstream did not read the request body within {self.read_timeout:g}s"
+            ) from exc
+
+    def close(self) -> None:
+        """Politely, for an idle connection."""
+        self.active = False
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.active = False
+        self.transport.abort()
+
+
+class _Origin:
+    __slots__ = ("host", "host_header", "idle", "port", "server_hostname", "ssl")
+
+    def __init__(self, origin: str, tls: ssl.SSLContext | None) -> None:
+        parts = urlsplit(origin)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"not an http(s)://host:port origin: {origin!r}")
+        default = _DEFAULT_PORTS[scheme]
+        self.host = parts.hostname
+        self.port = parts.port or default
+        netloc = parts.netloc.rpartition("@")[2]
+        self.host_header = netloc.removesuffix(f":{default}") if parts.port == default else netloc
+        self.ssl = tls if scheme == "https" else None
+        self.server_hostname = self.host if self.ssl is not None else None
+        self.idle: deque[_Connection] = deque()
+
+
+def _head(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    host: str,
+    chunked: bool,
+    length: int | None,
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    has_host = False
+    for name, value in headers:
+        size = len(name)
+        if size == 4 or size == 14 or size == 17:
+            lower = name.lower()
+            if lower == "host":
+                has_host = True
+            elif lower == "content-length" or lower == "transfer-encoding":
+                continue
+        lines.append(f"{name}: {value}\r\n")
+    if not has_host:
+        lines.append(f"Host: {host}\r\n")
+    if length is not None:
+        lines.append(f"Content-Length: {length}\r\n")
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    # Each line ends in the one CRLF put there above: a CR or LF inside a value would
+    # smuggle a header or a request, a space in the target a different request line.
+    breaks = len(lines)
+    if text.count("\n") != breaks or text.count("\r") != breaks or " " in target:
+        raise ValueError("a CR or LF in a header, or a space in the target")
+    return text.encode(_ENCODING, _ERRORS)
+
+
+class UpstreamResponse:
+    """The status line and headers of an answer; its body through ``iter_chunks``."""
+
+    __slots__ = ("_conn", "_origin", "_pool", "_released", "headers", "reason", "status")
+
+    def __init__(self, pool: UpstreamPool, origin: _Origin, conn: _Connection) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._conn = conn
+        self._released = False
+        self.status = conn.status
+        self.reason = conn.reason
+        self.headers = conn.headers  # raw order, duplicates kept
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive (de-chunked); what is buffered comes as one."""
+        if self._released:
+            raise RuntimeError("the response was released")
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take()
+            elif conn.complete:
+                return
+            elif conn.error is not None:
+                raise conn.error
+            else:
+                await conn.wait()
+
+    async def release(self) -> None:
+        """Back to the pool if the answer was received whole and keep-alive allows; else close."""
+        if self._released:
+            return
+        self._released = True
+        self._pool._release(self._origin, self._conn)
+
+    def close(self) -> None:
+        if not self._released:
+            self._released = True
+            self._conn.abort()
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin, for one gateway process."""
+
+    def __init__(
+        self,
+        *,
+        max_idle: int = DEFAULT_MAX_IDLE,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._ssl = ssl_context
+        self._origins: dict[str, _Origin] = {}
+        self._closed = False
+
+    def _origin(self, origin: str) -> _Origin:
+        site = self._origins.get(origin)
+        if site is None:
+            if self._ssl is None and origin[:6].lower() == "https:":
+                self._ssl = ssl.create_default_context()  # once: it loads the CA store
+            site = self._origins[origin] = _Origin(origin, self._ssl)
+        return site
+
+    async def request(
+        self,
+        origin: str,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None = None,
+        content_length: int | None = None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request; its answer once the status line and headers have arrived.
+
+        The caller must ``release()`` (or ``close()``) the response, also on error.
+        """
+        if self._closed:
+            raise RuntimeError("the upstream pool is closed")
+        if body is None and content_length:
+            raise ValueError("a content_length without a body")
+        site = self._origins.get(origin) or self._origin(origin)
+        head = _head(method, target, headers, site.host_header, body is not None, content_length)
+        retry = method in RETRY_METHODS
+        conn = self._checkout(site)
+        while True:
+            if conn is None:
+                conn = await self._connect(site, connect_timeout)
+            conn.start(head, method == "HEAD", read_timeout)
+            try:
+                if body is not None:
+                    await conn.send_body(body, content_length)
+                await conn.answer()
+            except UpstreamUnavailable:
+                conn.abort()
+                if retry and conn.reused and not conn.received and not conn.body_started:
+                    retry = False
+                    conn = None  # once, on a new connection
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                raise
+            return UpstreamResponse(self, site, conn)
+
+    def _checkout(self, site: _Origin) -> _Connection | None:
+        idle = site.idle
+        if not idle:
+            return None
+        fresh_since = asyncio.get_running_loop().time() - self.idle_timeout
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be stale
+            if conn.idle_since <= fresh_since:  # and every older one has expired too
+                conn.close()
+                while idle:
+                    idle.pop().close()
+                return None
+            if not conn.lost:
+                conn.active = True
+                conn.reused = True
+                return conn
+        return None
+
+    def _release(self, site: _Origin, conn: _Connection) -> None:
+        if not (
+            conn.complete
+            and conn.keep_alive
+            and conn.reusable
+            and conn.error is None
+            and not conn.lost
+            and not self._closed
+        ):
+            conn.abort()
+            return
+        conn.active = False
+        if conn.reading_paused:
+            conn.reading_paused = False
+            conn.transport.resume_reading()
+        conn.idle_since = conn.loop.time()
+        idle = site.idle
+        if len(idle) >= self.max_idle:
+            idle.popleft().close()  # the oldest: the most likely to be stale
+        idle.append(conn)
+
+    async def _connect(self, site: _Origin, within: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(within):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    site.host,
+                    site.port,
+                    ssl=site.ssl,
+                    server_hostname=site.server_hostname,
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"no connection to the upstream within {within:g}s") from exc
+        except OSError as exc:
+            raise UpstreamUnavailable("the upstream refused or reset the connection") from exc
+        return conn
+
+    async def close(self) -> None:
+        """Close every pooled connection; checked-out ones close when released."""
+        self._closed = True
+        for site in self._origins.values():
+            while site.idle:
+                site.idle.pop().close()
