@@ -45,6 +45,7 @@ from gateway.management.ui import StaticPage
 from gateway.observability import Telemetry
 from gateway.proxy import Forwarder, client_session
 from gateway.tokens import TokenFormat
+from gateway.upstream import UpstreamPool
 from gateway.usage import UsageBuffer
 
 __all__ = [
@@ -115,12 +116,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
-    session = client_session()
+    session = client_session()  # WebSockets
+    pool = UpstreamPool()  # plain HTTP
     cfg = app[CONFIG]
     app[FORWARDER] = Forwarder(
-        session, cfg.identity_headers, cfg.trusted_proxies, signer=app.get(SIGNER)
+        session, cfg.identity_headers, cfg.trusted_proxies, signer=app.get(SIGNER), pool=pool
     )
     yield
+    await pool.close()
     await session.close()
 
 

@@ -66,6 +66,7 @@ from gateway.headers import (
     is_trusted,
     is_websocket_upgrade,
 )
+from gateway.upstream import UpstreamPool
 
 TOKEN_EXPIRES_HEADER = "X-Auth-Token-Expires-At"
 # Headers aiohttp's client would invent when the client did not send them.
@@ -115,8 +116,10 @@ class Forwarder:
         names: IdentityHeaders,
         trusted_proxies: tuple[IPNetwork, ...],
         signer: AssertionSigner | None = None,
+        pool: UpstreamPool | None = None,
     ) -> None:
-        self.session = session
+        self.session = session  # WebSockets
+        self.pool = pool or UpstreamPool()  # plain HTTP: the lean client
         self.signer = signer
         self.configure(names, trusted_proxies)
 
@@ -177,52 +180,46 @@ class Forwarder:
         if route.websocket and request.method == "GET" and is_websocket_upgrade(request.headers):
             return await self.websocket(request, route, url, identity, request_id)
         headers = self.request_headers(request, route, identity, request_id)
+        body: AsyncIterator[bytes] | None = None
         limit: _BodyLimit | None = None
-        data: object = None
+        length = request.content_length
         if request.body_exists:
-            length = request.content_length
             if route.max_body is not None:
                 if length is not None and length > route.max_body:
                     raise PayloadTooLarge(f"the request body exceeds {route.max_body} bytes")
                 limit = _BodyLimit(request.content, route.max_body)
-                data = limit.chunks()
+                body = limit.chunks()
             else:
-                data = request.content
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=route.connect_timeout, sock_read=route.timeout
+                body = request.content.iter_any()
+        cut = url.find("/", url.find("://") + 3)  # origin | exact canonical path and query
+        upstream = await self.pool.request(
+            url[:cut],
+            request.method,
+            url[cut:],
+            list(headers.items()),
+            body,
+            length if body is not None else None,
+            connect_timeout=route.connect_timeout,
+            read_timeout=route.timeout,
         )
-        response: web.StreamResponse | None = None
-        fault: Exception
-        cause: Exception
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            async with self.session.request(
-                request.method,
-                URL(url, encoded=True),  # exactly the canonical path, never re-quoted
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=timeout,
-            ) as upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.extend(clean_response_headers(upstream.headers))
-                self._decorate(response, identity, request_id)
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except TimeoutError as exc:  # aiohttp.ServerTimeoutError included
-            fault = UpstreamTimeout(f"the upstream did not answer within {route.timeout:g}s")
-            cause = exc
-        except (aiohttp.ClientError, OSError) as exc:
-            if limit is not None and limit.exceeded:
-                fault = PayloadTooLarge(f"the request body exceeds {limit.limit} bytes")
-            else:
-                fault = UpstreamUnavailable("the upstream refused or reset the connection")
-            cause = exc
-        if response is not None and response.prepared:
-            return _abort(request, response)
-        raise fault from cause
+            response.headers.extend(clean_response_headers(upstream.headers))
+            self._decorate(response, identity, request_id)
+            await response.prepare(request)
+            async for chunk in upstream.iter_chunks():
+                await response.write(chunk)
+            await response.write_eof()
+        except (UpstreamUnavailable, UpstreamTimeout, OSError):
+            upstream.close()
+            if response.prepared:  # the answer has started: cut the connection
+                return _abort(request, response)
+            raise
+        except BaseException:
+            upstream.close()
+            raise
+        await upstream.release()
+        return response
 
     async def websocket(
         self,

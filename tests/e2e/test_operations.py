@@ -39,6 +39,13 @@ def route(name: str, prefix: str, upstream: str, **extra: Any) -> dict[str, Any]
     return {"name": name, "match": {"prefix": prefix}, "upstream": upstream, **extra}
 
 
+async def status(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> Any:
+    """The answer, read in full and released (an unreleased one leaks its connection)."""
+    async with session.request(method.upper(), url, **kwargs) as response:
+        await response.read()
+        return response
+
+
 def logged(message: str) -> Any:
     """A predicate for a JSON log line with this message."""
 
@@ -145,7 +152,7 @@ async def test_sighup_with_a_new_route_table_under_load_fails_no_request(
     base = config(upstream.url)
     gateway = start(base)
     async with aiohttp.ClientSession() as session:
-        assert (await session.get(f"{gateway.url}/reports/x")).status == 404
+        assert (await status(session, "get", f"{gateway.url}/reports/x")).status == 404
         failures: list[int] = []
         stop = asyncio.Event()
 
@@ -168,7 +175,7 @@ async def test_sighup_with_a_new_route_table_under_load_fails_no_request(
         write_config(tmp_path / "gateway.yaml", new)
         gateway.send(signal.SIGHUP)
         await asyncio.to_thread(gateway.stderr.wait_for, logged("configuration reloaded"), 10)
-        assert (await session.get(f"{gateway.url}/reports/x")).status == 200
+        assert (await status(session, "get", f"{gateway.url}/reports/x")).status == 200
         stop.set()
         sent = sum(await asyncio.gather(*loaders))
         reloads = await metric(
@@ -200,7 +207,7 @@ async def test_a_broken_file_changes_nothing_and_counts_a_failed_reload(
     await asyncio.to_thread(gateway.stderr.wait_for, logged("reload refused"), 10)
 
     async with aiohttp.ClientSession() as session:
-        assert (await session.get(f"{gateway.url}/public/x")).status == 200
+        assert (await status(session, "get", f"{gateway.url}/public/x")).status == 200
         assert (
             await metric(
                 session, gateway.admin_url, "patgate_config_reloads_total", result="failed"
@@ -232,8 +239,8 @@ async def test_patgate_reload_signals_the_running_server(
     assert result.returncode == 0, result.stderr
     await asyncio.to_thread(gateway.stderr.wait_for, logged("configuration reloaded"), 10)
     async with aiohttp.ClientSession() as session:
-        assert (await session.get(f"{gateway.url}/moved/1")).status == 200
-        assert (await session.get(f"{gateway.url}/public/1")).status == 404
+        assert (await status(session, "get", f"{gateway.url}/moved/1")).status == 200
+        assert (await status(session, "get", f"{gateway.url}/public/1")).status == 404
 
 
 async def test_metrics_count_exactly_the_traffic_sent(
@@ -248,15 +255,16 @@ async def test_metrics_count_exactly_the_traffic_sent(
     )
     async with aiohttp.ClientSession() as session:
         for _ in range(3):
-            assert (await session.get(f"{gateway.url}/public/a")).status == 200
+            assert (await status(session, "get", f"{gateway.url}/public/a")).status == 200
         for _ in range(2):
-            assert (await session.post(f"{gateway.url}/public/a")).status == 200
+            assert (await status(session, "post", f"{gateway.url}/public/a")).status == 200
         for _ in range(4):
-            assert (await session.get(f"{gateway.url}/api/jobs/1")).status == 401
+            assert (await status(session, "get", f"{gateway.url}/api/jobs/1")).status == 401
+        bad = {"Authorization": "Bearer nope"}
         assert (
-            await session.get(f"{gateway.url}/api/jobs/1", headers={"Authorization": "Bearer nope"})
+            await status(session, "get", f"{gateway.url}/api/jobs/1", headers=bad)
         ).status == 401
-        assert (await session.get(f"{gateway.url}/nowhere")).status == 404
+        assert (await status(session, "get", f"{gateway.url}/nowhere")).status == 404
 
         admin = gateway.admin_url
         requests = "patgate_requests_total"
@@ -287,7 +295,9 @@ async def test_access_log_is_one_json_line_per_request_without_a_token(
 ) -> None:
     gateway = start(config(upstream.url))
     async with aiohttp.ClientSession() as session:
-        response = await session.get(
+        response = await status(
+            session,
+            "get",
             f"{gateway.url}/public/page?secret=1",
             headers={"Authorization": "Bearer pat_should_never_be_logged", "X-Request-Id": "r-1"},
         )
