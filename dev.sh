@@ -2,6 +2,7 @@
 # The README's two commands. Needs nothing but python3 (3.11 or newer):
 #   ./dev.sh demo            run `patgate demo` (embedded PostgreSQL, echo upstream, seeded tokens)
 #   ./dev.sh test [ARGS]     lint, type-check and run the whole test suite (ARGS go to pytest)
+#   ./dev.sh bench [ARGS]    patgate against nginx with wrk (python -m bench; see BENCHMARKS.md)
 # Each creates .venv on first use and installs what it needs into it.
 set -eu
 cd "$(dirname "$0")"
@@ -54,8 +55,13 @@ test)
     .venv/bin/mypy
     exec .venv/bin/pytest "$@"
     ;;
+bench)
+    shift
+    install bench
+    exec .venv/bin/python -m bench "$@"
+    ;;
 *)
-    echo "usage: ./dev.sh demo | ./dev.sh test [pytest arguments]" >&2
+    echo "usage: ./dev.sh demo | ./dev.sh test [pytest arguments] | ./dev.sh bench [options]" >&2
     exit 2
     ;;
 esac
