@@ -1,21 +1,20 @@
 """forward(): one request to its upstream and the answer back, streamed both ways.
 
 HTTP
-    Bodies are streamed in both directions with each hop's back-pressure (aiohttp's flow
-    control), so a multi-GB upload or download holds a few 64 KiB buffers, never the body;
-    a chunked or SSE answer reaches the client chunk by chunk, as the upstream sends it.
-    Faults are translated here: upstream refused or reset before answering → 502; the route
-    ``timeout`` of upstream silence (awaiting the answer, or between two of its chunks) →
-    504; ``max_body`` → 413, from ``Content-Length`` before connecting, or mid-stream for a
-    chunked body (the body generator raises, aiohttp's client wraps that in a
-    ``ClientConnectionError`` and drops the connection without the final chunk, so the
-    upstream never sees a complete body; ``_BodyLimit.exceeded`` tells it apart from a
-    real connection fault). Once the answer has started, a fault can no longer become a
-    status: the client connection is aborted, so the client sees a truncated response, never
-    a seemingly complete one. Redirects are passed through, never followed; bodies are
-    never decompressed; no cookie is kept between requests (a dummy cookie jar). A client
-    that goes away cancels the handler (the server runs with ``handler_cancellation``), and
-    the cancellation closes the upstream connection, so the upstream sees the client leave.
+    Sent through ``gateway.upstream.UpstreamPool``, the lean keep-alive client (llhttp via
+    httptools). Bodies are streamed in both directions with each hop's back-pressure, so a
+    multi-GB upload or download holds a few 64 KiB buffers, never the body; a chunked or
+    SSE answer reaches the client chunk by chunk, as the upstream sends it. Faults: the
+    upstream refused or reset before answering → 502; the route ``timeout`` of upstream
+    silence (awaiting the answer, or between two of its chunks) → 504; ``max_body`` → 413,
+    from ``Content-Length`` before connecting, or mid-stream for a chunked body (the body
+    generator raises and the upstream connection is dropped without the final chunk, so the
+    upstream never sees a complete body). Once the answer has started, a fault can no longer
+    become a status: the client connection is aborted, so the client sees a truncated
+    response, never a seemingly complete one. Redirects are passed through, never followed;
+    bodies are never decompressed. A client that goes away cancels the handler (the server
+    runs with ``handler_cancellation``), and the cancellation closes the upstream
+    connection, so the upstream sees the client leave.
 
 WebSockets
     A GET that is a WebSocket handshake (``is_websocket_upgrade``) on a route with
@@ -91,22 +90,14 @@ def client_session() -> aiohttp.ClientSession:
     )
 
 
-class _BodyLimit:
-    """The request body as chunks, refused once it passes ``limit`` bytes."""
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self.content = content
-        self.limit = limit
-        self.exceeded = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in self.content.iter_chunked(READ_CHUNK):
-            seen += len(chunk)
-            if seen > self.limit:
-                self.exceeded = True
-                raise PayloadTooLarge(f"the request body exceeds {self.limit} bytes")
-            yield chunk
+async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The request body as chunks, refused (413) once it passes ``limit`` bytes."""
+    seen = 0
+    async for chunk in content.iter_chunked(READ_CHUNK):
+        seen += len(chunk)
+        if seen > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        yield chunk
 
 
 class Forwarder:
@@ -181,14 +172,12 @@ class Forwarder:
             return await self.websocket(request, route, url, identity, request_id)
         headers = self.request_headers(request, route, identity, request_id)
         body: AsyncIterator[bytes] | None = None
-        limit: _BodyLimit | None = None
         length = request.content_length
         if request.body_exists:
             if route.max_body is not None:
                 if length is not None and length > route.max_body:
                     raise PayloadTooLarge(f"the request body exceeds {route.max_body} bytes")
-                limit = _BodyLimit(request.content, route.max_body)
-                body = limit.chunks()
+                body = _limited(request.content, route.max_body)
             else:
                 body = request.content.iter_any()
         cut = url.find("/", url.find("://") + 3)  # origin | exact canonical path and query
