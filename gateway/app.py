@@ -177,8 +177,8 @@ def reload(app: web.Application, cfg: Config) -> list[str]:
         app[FORWARDER].configure(cfg.identity_headers, cfg.trusted_proxies)
     if AUTHENTICATOR in app:
         app[AUTHENTICATOR].roles = cfg.roles
-    if MANAGEMENT in app and hasattr(app[MANAGEMENT], "service"):
-        app[MANAGEMENT].service.roles = cfg.roles
+    if MANAGEMENT in app:
+        app[MANAGEMENT].reconfigure(cfg)
     app[CACHE].clear()
     logging.getLogger().setLevel(cfg.logging.level.upper())
     return restart_only

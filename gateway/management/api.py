@@ -9,6 +9,7 @@ scoped to the caller's company. The rules themselves live in ``gateway.lifecycle
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -157,6 +158,18 @@ class ManagementApi:
         self.service = service
         self.authenticator = authenticator
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload: roles, trusted proxies and header names; sessions stay as started."""
+        self.cfg = dataclasses.replace(
+            self.cfg,
+            roles=cfg.roles,
+            trusted_proxies=cfg.trusted_proxies,
+            identity_headers=cfg.identity_headers,
+        )
+        self.request_ids = HeaderPolicy(cfg.identity_headers)
+        if hasattr(self, "service"):
+            self.service.roles = cfg.roles
+
     # -- who is calling ----------------------------------------------------------------------
 
     async def caller(self, request: web.Request) -> Call:
@@ -178,7 +191,7 @@ class ManagementApi:
             raise InvalidSession()
         if session.company_id is not None and session.company_id != user.company_id:
             raise InvalidSession()
-        permissions = self.cfg.roles.get(user.role, frozenset())
+        permissions = self.service.roles.get(user.role, frozenset())
         actor = Actor(user.id, user.company_id, permissions, ip)
         return Call(request, actor, mfa=session.mfa, via=via)
 
@@ -327,7 +340,7 @@ class ManagementApi:
         granted = call.actor.permissions
         roles = [
             {"name": name, "permissions": sorted(permissions)}
-            for name, permissions in self.cfg.roles.items()
+            for name, permissions in self.service.roles.items()
             if all(allows(granted, p) for p in permissions)
         ]
         return json_response({"items": roles})

@@ -4,6 +4,7 @@ the real gateway app, and the proxy routes for "the token works" / "the token is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -962,3 +963,24 @@ async def test_audit_ip_is_the_client_behind_a_trusted_proxy(start: Any, team: T
     events = (await gw.call("GET", f"/tokens/{created.body['id']}/events", team.full)).body
 
     assert events["items"][0]["ip"] == "203.0.113.7"
+
+
+async def test_a_reload_changes_the_roles_the_api_and_the_proxy_use(
+    make_gateway: Any, upstream: RecordingUpstream, db: Any
+) -> None:
+    """SIGHUP semantics (gateway.app.reload): the management API sees new roles at once."""
+    from gateway.app import reload
+
+    seed = Seeder(gateway_config(upstream.url), db)
+    user = await seed.user(await seed.company(), "field_user")
+    cfg = gateway_config(upstream.url, management={"sessions": {"hs256_secret": SECRET}})
+    client = await make_gateway(cfg)
+    headers = {"Authorization": f"Bearer {session_jwt(user)}"}
+    before = await (await client.get(f"{API}/me", headers=headers)).json()
+
+    roles = {**cfg.roles, "field_user": frozenset({"jobs:read", "invoices:read"})}
+    reload(client.app, dataclasses.replace(cfg, roles=roles))
+    after = await (await client.get(f"{API}/me", headers=headers)).json()
+
+    assert before["permissions"] == ["jobs:read"]
+    assert after["permissions"] == ["invoices:read", "jobs:read"]
