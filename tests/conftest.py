@@ -34,6 +34,29 @@ ROLES = {
 }
 
 
+# The SPEC §9 Token JSON, exactly: what the API and `token list/show --json` show per token.
+TOKEN_FIELDS = frozenset(
+    {
+        "id",
+        "name",
+        "prefix",
+        "state",
+        "role",
+        "permissions",
+        "user_id",
+        "company_id",
+        "created_at",
+        "created_by",
+        "expires_at",
+        "last_used_at",
+        "last_used_ip",
+        "revoked_at",
+        "revoked_reason",
+        "rotated_to",
+    }
+)
+
+
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))

@@ -30,6 +30,9 @@ import asyncpg
 import orjson
 import yaml
 
+from tests.conftest import ROLES as ROLES  # re-exported for the e2e modules
+from tests.conftest import TOKEN_FIELDS as TOKEN_FIELDS
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIG = REPO / "config" / "gateway.yaml"
 COMMAND = (sys.executable, "-m", "gateway")
@@ -40,35 +43,6 @@ STOP_TIMEOUT = 15.0
 
 LISTENING = re.compile(r"patgate: listening on (http://\S+) \(admin (http://\S+)\)")
 TOKEN = re.compile(r"pat_[0-9A-Za-z]{38}")
-
-ROLES = {
-    "owner": ["*"],
-    "admin": ["jobs:*", "invoices:*", "tokens:admin", "tokens:create", "users:admin"],
-    "full_user": ["jobs:*", "invoices:read", "tokens:create"],
-    "field_user": ["jobs:read"],
-}
-
-# The SPEC §9 Token JSON, exactly: what `token list/show --json` print for each token.
-TOKEN_FIELDS = frozenset(
-    {
-        "id",
-        "name",
-        "prefix",
-        "state",
-        "role",
-        "permissions",
-        "user_id",
-        "company_id",
-        "created_at",
-        "created_by",
-        "expires_at",
-        "last_used_at",
-        "last_used_ip",
-        "revoked_at",
-        "revoked_reason",
-        "rotated_to",
-    }
-)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -18,27 +18,9 @@ from gateway.config import Config
 from gateway.errors import Conflict, Forbidden, InvalidInput, NotFound
 from gateway.lifecycle import OPERATOR, Actor, Expiry, TokenService
 from gateway.store import EventRow, TokenRow
-from tests.conftest import Seeder, gateway_config
+from tests.conftest import TOKEN_FIELDS, Seeder, gateway_config
 
 DAY = timedelta(days=1)
-TOKEN_JSON_FIELDS = {
-    "id",
-    "name",
-    "prefix",
-    "state",
-    "role",
-    "permissions",
-    "user_id",
-    "company_id",
-    "created_at",
-    "created_by",
-    "expires_at",
-    "last_used_at",
-    "last_used_ip",
-    "revoked_at",
-    "revoked_reason",
-    "rotated_to",
-}
 
 
 class Clock:
@@ -766,7 +748,7 @@ async def test_token_json_has_exactly_the_spec_fields(world: World, clock: Clock
 
     data = world.json(created.token)
 
-    assert set(data) == TOKEN_JSON_FIELDS
+    assert set(data) == TOKEN_FIELDS
     assert data["id"] == str(created.token.id)
     assert data["name"] == "ci"
     assert data["prefix"] == created.plaintext[:8]
