@@ -12,11 +12,13 @@
     │   ├── TokenRevoked                      reason=revoked
     │   └── OwnerInactive                     reason=owner_inactive
     ├── Forbidden                      403    insufficient_scope
+    │   ├── MfaRequired                    mfa_required
     │   └── ForwardAuthDenied                     the cause's code (forward-auth: nginx)
     ├── NotFound                       404    not_found
     ├── MethodNotAllowed               405    method_not_allowed .allow
     ├── Conflict                       409    conflict
     ├── PayloadTooLarge                413    payload_too_large
+    ├── TooManyRequests                429    rate_limited     (Retry-After)
     ├── UpstreamUnavailable            502    bad_gateway
     ├── DatabaseUnavailable            503    database_unavailable  (Retry-After)
     └── UpstreamTimeout                504    gateway_timeout
@@ -137,6 +139,11 @@ class Forbidden(PatgateError):
         return {"WWW-Authenticate": f'{WWW_AUTHENTICATE}, error="insufficient_scope"'}
 
 
+class MfaRequired(Forbidden):
+    code = "mfa_required"
+    title = "Multi-factor session required"
+
+
 class ForwardAuthDenied(Forbidden):
     """A forward-auth refusal nginx understands (403), whose ``type`` keeps the real reason."""
 
@@ -174,6 +181,15 @@ class Conflict(PatgateError):
     status = 409
     code = "conflict"
     title = "Conflict"
+
+
+class TooManyRequests(PatgateError):
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "60"}
 
 
 class PayloadTooLarge(PatgateError):

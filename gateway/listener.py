@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 import orjson
 
 from gateway import store
+from gateway.tasks import in_background
 
 log = logging.getLogger("patgate.listener")
 
@@ -100,12 +102,5 @@ class InvalidationListener:
                 await conn.execute("SELECT 1", timeout=BACKOFF_MAX)
 
 
-@contextlib.asynccontextmanager
-async def listening(listener: InvalidationListener) -> AsyncIterator[None]:
-    task = asyncio.create_task(listener.run(), name="patgate-invalidation-listener")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def listening(listener: InvalidationListener) -> AbstractAsyncContextManager[None]:
+    return in_background(listener.run(), "patgate-invalidation-listener")

@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from gateway import store
+from gateway.tasks import in_background
 
 log = logging.getLogger("patgate.usage")
 
@@ -90,13 +91,10 @@ class UsageBuffer:
 @contextlib.asynccontextmanager
 async def flushing(buffer: UsageBuffer, pool: Any, interval: float) -> AsyncIterator[None]:
     """Flush every ``interval`` while inside, and once more on the way out."""
-    task = asyncio.create_task(buffer.run(pool, interval), name="patgate-usage-flush")
     try:
-        yield
+        async with in_background(buffer.run(pool, interval), "patgate-usage-flush"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         try:
             await buffer.flush(pool)
         except store.UNAVAILABLE_ERRORS as exc:

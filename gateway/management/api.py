@@ -28,9 +28,11 @@ from gateway.errors import (
     Forbidden,
     InvalidInput,
     MethodNotAllowed,
+    MfaRequired,
     MissingToken,
     NotFound,
     PatgateError,
+    TooManyRequests,
     problem_response,
 )
 from gateway.headers import HeaderPolicy, request_client_ip
@@ -72,20 +74,6 @@ class Call:
 
     def id(self) -> str:
         return self.request.match_info["id"]
-
-
-class MfaRequired(Forbidden):
-    code = "mfa_required"
-    title = "Multi-factor session required"
-
-
-class TooManyRequests(PatgateError):
-    status = 429
-    code = "rate_limited"
-    title = "Too many requests"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "60"}
 
 
 class RateLimiter:
