@@ -24,6 +24,13 @@ cut inside a ``Content-Length`` or chunked body (raised by ``iter_chunks``) →
 upstream silence (before the status line, between chunks, not reading our body) →
 ``UpstreamTimeout``. The caller's body iterator's own exceptions pass through unchanged.
 
+Two ways to use it. ``UpstreamPool.request`` is a coroutine returning an ``UpstreamResponse``
+whose body is iterated: the aiohttp server's path (request bodies, anything unusual).
+``UpstreamPool.send`` is the front end's (``gateway.front``): a bodyless request whose answer
+is delivered by callbacks to a ``Relay`` as llhttp parses it, with no task, future or timer
+per chunk, and a pooled connection returned to the pool the moment its answer is complete.
+Both share the connections, the parsing, the framing and the faults below.
+
 Stale connections: the upstream may close a pooled connection while it is idle. A request
 on a *reused* connection that fails before any byte of the answer arrived and before any
 byte was taken from its body iterator is retried once, on a new connection, if its method
@@ -40,7 +47,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from typing import Final, cast
+from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -52,6 +59,8 @@ __all__ = [
     "DEFAULT_MAX_IDLE",
     "READ_HIGH_WATER",
     "RETRY_METHODS",
+    "Exchange",
+    "Relay",
     "UpstreamPool",
     "UpstreamResponse",
 ]
@@ -89,6 +98,8 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.reading_paused = False
         self._waiter: asyncio.Future[bool] | None = None
+        self.exchange: Exchange | None = None  # set while UpstreamPool.send uses it
+        self.last_read = 0.0  # loop time of the last bytes received, for an Exchange's timer
         self.start(b"", False, 0.0, write=False)
 
     def start(self, head: bytes, is_head: bool, read_timeout: float, *, write: bool = True) -> None:
@@ -129,11 +140,16 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self.received = True
+        exchange = self.exchange
+        if exchange is not None:
+            self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade):
             self._fail(UpstreamUnavailable("the upstream's answer is not valid HTTP"))
             self.abort()
+        if exchange is not None:
+            exchange.fed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -146,6 +162,8 @@ class _Connection(asyncio.Protocol):
             else:  # a close-delimited body ends here
                 self.complete = True
                 self.keep_alive = False
+        if self.exchange is not None:
+            self.exchange.fed()
         self._wake()
 
     def pause_writing(self) -> None:
@@ -204,10 +222,15 @@ class _Connection(asyncio.Protocol):
                 self.keep_alive = parser.get_http_version() == "1.1" and not self.conn_close
         if self.write_paused:
             self.writable.set()  # wakes a blocked body writer: the upstream answered early
+        if self.exchange is not None:
+            self.exchange.relay.upstream_head(self)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self.is_head:
+            return
+        if self.exchange is not None:
+            self.exchange.relay.upstream_body(body)
             return
         self.chunks.append(body)
         self.buffered += len(body)
@@ -401,6 +424,169 @@ class UpstreamResponse:
             self._conn.abort()
 
 
+class Relay(Protocol):
+    """Where an ``Exchange`` delivers its answer: the front end's connection to the client.
+
+    ``upstream_head`` comes first (the connection's ``status``, ``reason``, ``headers`` are
+    set), then ``upstream_body`` per chunk as llhttp parses it, and ``upstream_flush`` after
+    each batch of bytes received (what was held back to be joined with the next chunk must
+    go now). It ends in exactly one of ``upstream_done`` (the answer is whole; the connection
+    is already back in the pool) or ``upstream_failed``, unless the exchange is cancelled.
+    """
+
+    def upstream_head(self, conn: _Connection) -> None: ...
+    def upstream_body(self, chunk: bytes) -> None: ...
+    def upstream_flush(self) -> None: ...
+    def upstream_done(self) -> None: ...
+    def upstream_failed(self, error: UpstreamTimeout | UpstreamUnavailable) -> None: ...
+
+
+class Exchange:
+    """One bodyless request sent by ``UpstreamPool.send``, its answer relayed by callbacks.
+
+    One timer per exchange watches ``read_timeout`` of upstream silence: when it fires it
+    re-arms for what is left since the last bytes received, so no per-chunk timer work.
+    While the relay has paused reading (its client is slow), silence is not counted.
+    """
+
+    __slots__ = (
+        "conn",
+        "connect_timeout",
+        "connecting",
+        "ended",
+        "head",
+        "is_head",
+        "pool",
+        "read_timeout",
+        "relay",
+        "retry",
+        "site",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        site: _Origin,
+        head: bytes,
+        method: str,
+        relay: Relay,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.site = site
+        self.head = head
+        self.is_head = method == "HEAD"
+        self.retry = method in RETRY_METHODS
+        self.relay = relay
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.conn: _Connection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended = False
+
+    def start(self, conn: _Connection) -> None:
+        self.conn = conn
+        conn.exchange = self
+        conn.start(self.head, self.is_head, self.read_timeout)
+        conn.last_read = conn.loop.time()
+        self.timer = conn.loop.call_later(self.read_timeout, self._expired)
+
+    def connect(self) -> None:
+        self.connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.pool._connect(self.site, self.connect_timeout)
+        except (UpstreamTimeout, UpstreamUnavailable) as error:
+            self.connecting = None
+            self.ended = True
+            self.relay.upstream_failed(error)
+            return
+        self.connecting = None
+        if self.ended:  # cancelled meanwhile
+            conn.close()
+            return
+        self.start(conn)
+
+    def fed(self) -> None:
+        """After each batch of bytes (or the connection's end): finish, fail or flush."""
+        conn = self.conn
+        assert conn is not None
+        if conn.error is not None:
+            self.fail(conn.error)
+        elif conn.complete:
+            self._detach()
+            self.pool._release(self.site, conn)
+            self.relay.upstream_done()
+        else:
+            self.relay.upstream_flush()
+
+    def fail(self, error: Exception) -> None:
+        conn = self.conn
+        assert conn is not None
+        self._detach()
+        conn.abort()
+        if not isinstance(error, UpstreamTimeout):
+            stale = conn.reused and not conn.received
+            if self.retry and stale:
+                self.retry = False  # once, on a new connection: a stale pooled one
+                self.ended = False
+                self.connect()
+                return
+            if not isinstance(error, UpstreamUnavailable):
+                error = UpstreamUnavailable(str(error))
+        self.relay.upstream_failed(error)
+
+    def _expired(self) -> None:
+        conn = self.conn
+        if conn is None or self.ended:
+            return
+        loop = conn.loop
+        if conn.reading_paused:  # the client is slow, not the upstream
+            self.timer = loop.call_later(self.read_timeout, self._expired)
+            return
+        left = conn.last_read + self.read_timeout - loop.time()
+        if left > 0:
+            self.timer = loop.call_later(left, self._expired)
+            return
+        self.fail(UpstreamTimeout(f"the upstream did not answer within {self.read_timeout:g}s"))
+
+    def _detach(self) -> None:
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.conn is not None:
+            self.conn.exchange = None
+
+    def pause_reading(self) -> None:
+        """The relay's client is not keeping up: stop reading the answer."""
+        conn = self.conn
+        if conn is not None and not self.ended and not conn.reading_paused and not conn.lost:
+            conn._hold()
+
+    def resume_reading(self) -> None:
+        conn = self.conn
+        if conn is not None and not self.ended and conn.reading_paused and not conn.lost:
+            conn.reading_paused = False
+            conn.last_read = conn.loop.time()
+            conn.transport.resume_reading()
+
+    def cancel(self) -> None:
+        """The client went away: close the upstream connection, so the upstream sees it."""
+        if self.ended:
+            return
+        self._detach()
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.conn is not None:
+            self.conn.abort()
+
+
 class UpstreamPool:
     """Keep-alive connections per origin, for one gateway process."""
 
@@ -472,11 +658,35 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(self, site, conn)
 
+    def send(
+        self,
+        origin: str,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        relay: Relay,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Exchange:
+        """Send one bodyless request; its answer goes to ``relay`` (see ``Relay``)."""
+        if self._closed:
+            raise RuntimeError("the upstream pool is closed")
+        site = self._origins.get(origin) or self._origin(origin)
+        head = _head(method, target, headers, site.host_header, False, None)
+        exchange = Exchange(self, site, head, method, relay, connect_timeout, read_timeout)
+        conn = self._checkout(site)
+        if conn is None:
+            exchange.connect()
+        else:
+            exchange.start(conn)
+        return exchange
+
     def _checkout(self, site: _Origin) -> _Connection | None:
         idle = site.idle
         if not idle:
             return None
-        fresh_since = asyncio.get_running_loop().time() - self.idle_timeout
+        fresh_since = idle[-1].loop.time() - self.idle_timeout
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be stale
             if conn.idle_since <= fresh_since:  # and every older one has expired too

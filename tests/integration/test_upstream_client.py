@@ -9,6 +9,7 @@ import hashlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -731,3 +732,183 @@ async def test_close_closes_idle_connections(serve_raw: StartRaw) -> None:
     await until(eof)
     with pytest.raises(RuntimeError, match="closed"):
         await send(pool, upstream.origin)
+
+
+# ---------------------------------------------------------------------------------------------
+# UpstreamPool.send: the front end's callback exchanges
+
+
+class Recorder:
+    """A ``Relay`` that writes down what it is given."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.flushes = 0
+        self.error: Exception | None = None
+        self.ended = asyncio.Event()
+
+    def upstream_head(self, conn: Any) -> None:
+        self.status = conn.status
+        self.headers = list(conn.headers)
+
+    def upstream_body(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def upstream_flush(self) -> None:
+        self.flushes += 1
+
+    def upstream_done(self) -> None:
+        self.ended.set()
+
+    def upstream_failed(self, error: UpstreamTimeout | UpstreamUnavailable) -> None:
+        self.error = error
+        self.ended.set()
+
+
+async def relayed(
+    pool: UpstreamPool, origin: str, method: str = "GET", read_timeout: float = 10.0
+) -> Recorder:
+    recorder = Recorder()
+    pool.send(origin, method, "/", [], recorder, connect_timeout=5.0, read_timeout=read_timeout)
+    await until(recorder.ended)
+    return recorder
+
+
+async def test_send_relays_the_answer_and_reuses_the_connection(
+    pool: UpstreamPool, serve_raw: StartRaw
+) -> None:
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            w.write(answer(b"one", b"X-One: 1\r\n"))
+            await upstream.read_head(r)
+            w.write(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n")
+            w.write(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+            await upstream.read_head(r)
+
+        return handle
+
+    upstream = await serve_raw(make)
+    first = await relayed(pool, upstream.origin)
+    assert (first.status, b"".join(first.chunks), first.error) == (200, b"one", None)
+    assert ("X-One", "1") in first.headers
+    second = await relayed(pool, upstream.origin)
+    assert (second.status, b"".join(second.chunks)) == (201, b"abcde")  # de-chunked
+    assert upstream.connections == 1
+
+
+async def test_send_head_answer_ends_at_its_head(pool: UpstreamPool, serve_raw: StartRaw) -> None:
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            await upstream.read_head(r)
+            w.write(answer(b"after"))
+
+        return handle
+
+    upstream = await serve_raw(make)
+    head = await relayed(pool, upstream.origin, "HEAD")
+    assert (head.status, head.chunks, head.error) == (200, [], None)
+    after = await relayed(pool, upstream.origin)
+    assert b"".join(after.chunks) == b"after"
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+async def test_send_retries_a_stale_pooled_connection_only_when_idempotent(
+    pool: UpstreamPool, serve_raw: StartRaw, method: str, retried: bool
+) -> None:
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            if index == 0:
+                w.write(answer(b"first"))
+                await upstream.read_head(r)  # then hang up without answering
+            else:
+                w.write(answer(b"retried"))
+
+        return handle
+
+    upstream = await serve_raw(make)
+    assert b"".join((await relayed(pool, upstream.origin)).chunks) == b"first"
+    second = await relayed(pool, upstream.origin, method)
+    if retried:
+        assert (second.status, b"".join(second.chunks), second.error) == (200, b"retried", None)
+        assert upstream.connections == 2
+    else:
+        assert isinstance(second.error, UpstreamUnavailable)
+        assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("where", ["before-status", "mid-body"])
+async def test_send_upstream_silence_past_read_timeout_fails(
+    pool: UpstreamPool, serve_raw: StartRaw, where: str
+) -> None:
+    never = asyncio.Event()
+
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            if where == "mid-body":
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+            await never.wait()
+
+        return handle
+
+    upstream = await serve_raw(make)
+    recorder = await relayed(pool, upstream.origin, read_timeout=0.2)
+    assert isinstance(recorder.error, UpstreamTimeout)
+    assert b"".join(recorder.chunks) == (b"01234" if where == "mid-body" else b"")
+    assert recorder.status == (200 if where == "mid-body" else 0)
+
+
+async def test_send_to_a_closed_port_fails_unavailable(pool: UpstreamPool) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    recorder = await relayed(pool, f"http://127.0.0.1:{port}")
+    assert isinstance(recorder.error, UpstreamUnavailable)
+
+
+async def test_send_cut_mid_body_fails_after_the_head(
+    pool: UpstreamPool, serve_raw: StartRaw
+) -> None:
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+
+        return handle  # returning closes the connection
+
+    upstream = await serve_raw(make)
+    recorder = await relayed(pool, upstream.origin)
+    assert recorder.status == 200
+    assert isinstance(recorder.error, UpstreamUnavailable)
+
+
+async def test_send_cancelled_closes_the_upstream_connection(
+    pool: UpstreamPool, serve_raw: StartRaw
+) -> None:
+    arrived, eof = asyncio.Event(), asyncio.Event()
+
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            arrived.set()
+            assert await r.read() == b""
+            eof.set()
+
+        return handle
+
+    upstream = await serve_raw(make)
+    recorder = Recorder()
+    exchange = pool.send(
+        upstream.origin, "GET", "/", [], recorder, connect_timeout=5.0, read_timeout=10.0
+    )
+    await until(arrived)
+    exchange.cancel()
+    await until(eof)
+    assert not recorder.ended.is_set()  # a cancelled exchange reports nothing
