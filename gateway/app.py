@@ -18,7 +18,7 @@ from gateway.assertion import AssertionSigner
 from gateway.auth import Authenticator
 from gateway.cache import IdentityCache
 from gateway.config import Config
-from gateway.handler import GatewayHandler
+from gateway.handler import GATE, GatewayHandler
 from gateway.keys import (
     AUTHENTICATOR,
     CACHE,
@@ -152,7 +152,9 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
         app[UI] = StaticPage()
         app.add_subapp(API_PREFIX, api.app())
     # [\s\S]: aiohttp matches the decoded path, and "." would stop at a decoded newline.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", GatewayHandler(app).handle)
+    gate = app[GATE] = GatewayHandler(app)
+    app.on_startup.append(gate.bind)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", gate.handle)
     return app
 
 

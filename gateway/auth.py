@@ -118,23 +118,37 @@ class Authenticator:
         self.roles = roles
         self.now = now
 
-    async def authenticate(self, authorization: str | None) -> Identity:
+    def cached(self, authorization: str | None) -> Identity | None:
+        """The identity if the cache knows it, None when only the database can tell.
+
+        Raises the ``AuthError`` of a missing, malformed or badly checksummed token, or of a
+        cached failure: all of that without a query and without awaiting.
+        """
         token = bearer_token(authorization)
-        self.token_format.check(token)
-        digests = self.token_format.digests(token)
-        key = digests[0]
-        cached = self.cache.get(key)
-        if cached is None:
-            try:
-                cached = await self.cache.get_or_load(key, lambda: self._load(key, digests))
-            except DatabaseUnavailable:
-                stale = self.cache.stale(key)  # cache.stale_if_error
-                if stale is None:
-                    raise
-                return stale
+        cached = self.cache.get(self.token_format.digest(token))
         if isinstance(cached, Identity):
-            return cached
+            return cached  # only a well-formed token was ever cached: its checksum held
+        self.token_format.check(token)
+        if cached is None:
+            return None
         raise cached()
+
+    async def authenticate(self, authorization: str | None) -> Identity:
+        identity = self.cached(authorization)
+        if identity is not None:
+            return identity
+        digests = self.token_format.digests(bearer_token(authorization))
+        key = digests[0]
+        try:
+            loaded = await self.cache.get_or_load(key, lambda: self._load(key, digests))
+        except DatabaseUnavailable:
+            stale = self.cache.stale(key)  # cache.stale_if_error
+            if stale is None:
+                raise
+            return stale
+        if isinstance(loaded, Identity):
+            return loaded
+        raise loaded()
 
     async def _load(self, key: bytes, digests: tuple[bytes, ...]) -> Identity | Failure:
         try:

@@ -8,9 +8,11 @@ one metrics update and one access-log line.
 from __future__ import annotations
 
 import logging
-import secrets
+import os
+from enum import Enum
+from functools import partial
 from time import perf_counter
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -34,7 +36,7 @@ from gateway.keys import AUTHENTICATOR, FORWARDER, LIVE, SIGNER, TELEMETRY, UI, 
 from gateway.management.ui import PREFIX as UI_PREFIX
 from gateway.paths import canonical_path
 from gateway.policy import authorize
-from gateway.proxy import TOKEN_EXPIRES_HEADER
+from gateway.proxy import TOKEN_EXPIRES_HEADER, RequestView
 
 log = logging.getLogger("patgate")
 
@@ -45,8 +47,64 @@ NO_ROUTE = "-"  # the route label of requests answered before a route was chosen
 RESERVED_LABEL = "_patgate"  # ... and of forward-auth, the JWKS and the page
 
 
+class _RequestIds:
+    """New request ids: 128 random bits as hex, like ``secrets.token_hex(16)``, with the
+    randomness read 4 KiB at a time (one ``getrandom`` per 256 ids, not one per request)."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)  # a worker never repeats its parent
+
+    def _forget(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool = os.urandom(4096)
+            at = 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
+
+
+new_request_id = _RequestIds()
+
+
+class Pending(Enum):
+    PENDING = "pending"
+
+
+PENDING: Final = Pending.PENDING  # admit_cached: the cache cannot tell, the database must
+
+
+def _authorization(request: RequestView) -> str | None:
+    authorization = request.headers.getall("Authorization", [])
+    if len(authorization) > 1:
+        raise BadRequest("only one Authorization header is allowed")
+    return authorization[0] if authorization else None
+
+
+def access_fields(
+    request: RequestView, rt: Runtime, request_id: str, identity: Identity | None
+) -> dict[str, Any]:
+    """The access-log line's request fields (built only when the line is written)."""
+    return {
+        "request_id": request_id,
+        "method": request.method,
+        "path": request.raw_path.partition("?")[0],
+        "user_id": identity.user_id if identity else None,
+        "company_id": identity.company_id if identity else None,
+        "token_id": identity.token_id if identity else None,
+        "client_ip": request_client_ip(request.remote, request.headers, rt.cfg.trusted_proxies),
+    }
+
+
 class GatewayHandler:
-    """The catch-all handler of the main listener."""
+    """The catch-all handler of the main listener, and the decisions the front end shares."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -55,26 +113,49 @@ class GatewayHandler:
         self.signer = app.get(SIGNER)
         self.ui = app.get(UI)
 
-    async def admit(self, request: web.Request, rt: Runtime, route: Route) -> Identity | None:
-        """Authenticate and authorize for ``route``: the decision behind proxying and
-        forward-auth alike (the route comes from the same table for both)."""
+    async def bind(self, _app: web.Application) -> None:
+        """On startup, after the cleanup contexts: the objects they made."""
+        self.authenticator = self.app[AUTHENTICATOR]
+        self.forwarder = self.app[FORWARDER]
+        self.usage = self.app[USAGE]
+
+    def admit_cached(
+        self, request: RequestView, rt: Runtime, route: Route
+    ) -> Identity | Pending | None:
+        """``admit`` as far as it goes without awaiting: PENDING when only the database
+        can tell who the token belongs to."""
         if route.public:
             return None
-        authorization = request.headers.getall("Authorization", [])
-        if len(authorization) > 1:
-            raise BadRequest("only one Authorization header is allowed")
         try:
-            identity = await self.app[AUTHENTICATOR].authenticate(
-                authorization[0] if authorization else None
-            )
+            identity = self.authenticator.cached(_authorization(request))
+        except AuthError as error:
+            self.telemetry.auth_outcome(error.reason)
+            raise
+        if identity is None:
+            return PENDING
+        return self.authorized(request, rt, route, identity)
+
+    async def admit(self, request: RequestView, rt: Runtime, route: Route) -> Identity | None:
+        """Authenticate and authorize for ``route``: the decision behind proxying and
+        forward-auth alike (the route comes from the same table for both)."""
+        decided = self.admit_cached(request, rt, route)
+        if decided is not PENDING:
+            return decided
+        try:
+            identity = await self.authenticator.authenticate(_authorization(request))
         except AuthError as error:
             self.telemetry.auth_outcome(error.reason)
             raise
         except DatabaseUnavailable:
             self.telemetry.auth_outcome("database_unavailable")
             raise
+        return self.authorized(request, rt, route, identity)
+
+    def authorized(
+        self, request: RequestView, rt: Runtime, route: Route, identity: Identity
+    ) -> Identity:
         client = request_client_ip(request.remote, request.headers, rt.cfg.trusted_proxies)
-        self.app[USAGE].record(identity.token_id, client)
+        self.usage.record(identity.token_id, client)
         if not authorize(identity.permissions, route.require, route.require_any):
             self.telemetry.auth_outcome("forbidden")
             raise Forbidden("the token lacks a permission this route requires")
@@ -84,7 +165,7 @@ class GatewayHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = perf_counter()
         rt = self.live.runtime
-        request_id = rt.header_policy.request_id(request.headers) or secrets.token_hex(16)
+        request_id = rt.header_policy.request_id(request.headers) or new_request_id()
         label, identity, forwarded = NO_ROUTE, None, None
         response: web.StreamResponse
         try:
@@ -99,29 +180,12 @@ class GatewayHandler:
                 identity = await self.admit(request, rt, route)
                 url = rt.routes.upstream_url(route, path, query)
                 forwarded = perf_counter()
-                response = await self.app[FORWARDER].forward(
-                    request, route, url, identity, request_id
-                )
+                response = await self.forwarder.forward(request, route, url, identity, request_id)
         except PatgateError as error:
-            if isinstance(error, UpstreamTimeout | UpstreamUnavailable):
-                self.telemetry.upstream_error(error.code)
             response = self.refused(error, rt, request_id)
         except Exception:  # a bug: still problem+json, and logged with its request id
             log.exception("gateway error", extra={"fields": {"request_id": request_id}})
             response = self.refused(PatgateError(), rt, request_id)
-
-        def fields() -> dict[str, Any]:
-            return {
-                "request_id": request_id,
-                "method": request.method,
-                "path": request.raw_path.partition("?")[0],
-                "user_id": identity.user_id if identity else None,
-                "company_id": identity.company_id if identity else None,
-                "token_id": identity.token_id if identity else None,
-                "client_ip": request_client_ip(
-                    request.remote, request.headers, rt.cfg.trusted_proxies
-                ),
-            }
 
         self.telemetry.request(
             route=label,
@@ -130,7 +194,7 @@ class GatewayHandler:
             started=started,
             forwarded=forwarded,
             ended=perf_counter(),
-            fields=fields,
+            fields=partial(access_fields, request, rt, request_id, identity),
         )
         return response
 
@@ -147,6 +211,8 @@ class GatewayHandler:
         raise NotFound()
 
     def refused(self, error: PatgateError, rt: Runtime, request_id: str) -> web.Response:
+        if isinstance(error, UpstreamTimeout | UpstreamUnavailable):
+            self.telemetry.upstream_error(error.code)
         if isinstance(error, AuthError):
             fields = {"reason": error.reason, "request_id": request_id}
             log.info("token refused", extra={"fields": fields})
@@ -191,3 +257,6 @@ class GatewayHandler:
             if identity.expires_header is not None:
                 response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
         return response
+
+
+GATE = web.AppKey("gate", GatewayHandler)  # the front end (gateway.front) asks it every question

@@ -33,6 +33,8 @@ __all__ = [
     "is_websocket_upgrade",
     "normalize_name",
     "request_client_ip",
+    "request_header_items",
+    "response_header_items",
 ]
 
 # Anything that yields (name, value) pairs: aiohttp's request.headers, a CIMultiDict, a list.
@@ -58,6 +60,10 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 FORWARDING: frozenset[str] = frozenset({"forwarded", "x-real-ip"})
 _FORWARDING_PREFIX = "x-forwarded-"
 _SPOOFABLE_PREFIX = "x-auth-"
+
+# HeaderPolicy.verdict: what clean_request_headers does with a name
+_KEEP, _DROP, _UPGRADE, _REQUEST_ID, _AUTHORIZATION = range(5)
+_VERDICTS_MAX = 4096  # distinct spellings remembered per policy: a client could invent more
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
@@ -88,6 +94,13 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
     return tokens
 
 
+def _nominated(items: list[tuple[str, str]]) -> set[str]:
+    """What the ``Connection`` headers among ``items`` nominate (usually nothing)."""
+    # "connection" has no "-" for an "_" to stand in for: its length and case are the test.
+    values = [value for name, value in items if len(name) == 10 and name.lower() == "connection"]
+    return _connection_tokens(values) if values else set()
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderPolicy:
     """What to strip as spoofable, compiled once from the configured identity header names.
@@ -101,6 +114,9 @@ class HeaderPolicy:
     spoofable: frozenset[str] = field(init=False)
     request_id_name: str = field(init=False)  # normalized
     _always_drop: frozenset[str] = field(init=False, repr=False)
+    # name as spelled → _KEEP/_DROP/...: what clean_request_headers does with it before
+    # looking at the request's own Connection header and the route's removals
+    _verdicts: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         identity = self.identity
@@ -111,6 +127,29 @@ class HeaderPolicy:
         object.__setattr__(
             self, "_always_drop", spoofable | HOP_BY_HOP | FORWARDING | frozenset({"host"})
         )
+        object.__setattr__(self, "_verdicts", {})
+
+    def verdict(self, name: str) -> int:
+        """The request header rule that applies to ``name``, remembered per spelling."""
+        verdict = self._verdicts.get(name)
+        if verdict is not None:
+            return verdict
+        normalized = normalize_name(name)
+        if normalized == "upgrade":
+            verdict = _UPGRADE
+        elif normalized in self._always_drop or normalized.startswith("proxy-"):
+            verdict = _DROP
+        elif normalized == self.request_id_name:
+            verdict = _REQUEST_ID
+        elif normalized.startswith(_SPOOFABLE_PREFIX) or normalized.startswith(_FORWARDING_PREFIX):
+            verdict = _DROP
+        elif normalized == "authorization":
+            verdict = _AUTHORIZATION
+        else:
+            verdict = _KEEP
+        if len(self._verdicts) < _VERDICTS_MAX:
+            self._verdicts[name] = verdict
+        return verdict
 
     def is_spoofable(self, normalized: str) -> bool:
         return normalized in self.spoofable or normalized.startswith(_SPOOFABLE_PREFIX)
@@ -121,8 +160,12 @@ class HeaderPolicy:
         Only the first header spelled exactly as configured (any case, no ``_`` variant) counts.
         """
         wanted = self.request_id_name
+        verdicts = self._verdicts
         for name, value in _items(headers):
-            if name.lower() == wanted:
+            verdict = verdicts.get(name)
+            if verdict is None:
+                verdict = self.verdict(name)
+            if verdict == _REQUEST_ID and name.lower() == wanted:
                 return value if _SANE_REQUEST_ID.fullmatch(value) else None
         return None
 
@@ -164,37 +207,58 @@ def clean_request_headers(
     configured. With ``websocket`` (the route proxies WebSockets) and a WebSocket handshake
     (``is_websocket_upgrade``), ``Upgrade: websocket`` is kept and ``Connection: Upgrade`` set.
     """
-    items = list(_items(headers))
-    nominated = _connection_tokens(
-        value for name, value in items if normalize_name(name) == "connection"
+    return CIMultiDict(
+        request_header_items(
+            headers,
+            policy,
+            websocket=websocket,
+            keep_authorization=keep_authorization,
+            remove=remove,
+        )
     )
+
+
+def request_header_items(
+    headers: HeaderSource,
+    policy: HeaderPolicy,
+    *,
+    websocket: bool,
+    keep_authorization: bool,
+    remove: Iterable[str] = (),
+) -> list[tuple[str, str]]:
+    """``clean_request_headers`` as a list."""
+    items = headers if isinstance(headers, list) else list(_items(headers))
+    nominated = _nominated(items)
     upgrade = websocket and "upgrade" in nominated and is_websocket_upgrade(items)
-    drop = policy._always_drop
-    extra = {normalize_name(name) for name in remove}
+    # What the request itself names (its Connection header, the route's removals) drops
+    # names the policy would keep.
+    named = nominated | {normalize_name(name) for name in remove} if nominated or remove else None
+    verdicts = policy._verdicts
     rid_name = policy.request_id_name
     rid_kept = False
 
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
     for name, value in items:
-        normalized = normalize_name(name)
-        if normalized in drop or normalized.startswith("proxy-"):
-            if not (upgrade and normalized == "upgrade"):
-                continue
-        elif normalized in nominated or normalized in extra:
+        verdict = verdicts.get(name)
+        if verdict is None:
+            verdict = policy.verdict(name)
+        if verdict == _DROP:
             continue
-        elif normalized == rid_name:
+        if verdict == _UPGRADE:
+            if upgrade:
+                out.append((name, value))
+            continue
+        if named is not None and normalize_name(name) in named:
+            continue
+        if verdict == _REQUEST_ID:
             if rid_kept or name.lower() != rid_name or not _SANE_REQUEST_ID.fullmatch(value):
                 continue
             rid_kept = True
-        elif (
-            normalized.startswith(_SPOOFABLE_PREFIX)
-            or normalized.startswith(_FORWARDING_PREFIX)
-            or (normalized == "authorization" and not keep_authorization)
-        ):
+        elif verdict == _AUTHORIZATION and not keep_authorization:
             continue
-        out.add(name, value)
+        out.append((name, value))
     if upgrade:
-        out.add("Connection", "Upgrade")
+        out.append(("Connection", "Upgrade"))
     return out
 
 
@@ -203,17 +267,33 @@ def clean_response_headers(headers: HeaderSource) -> CIMultiDict[str]:
 
     ``Content-Length`` stays; ``Transfer-Encoding`` goes (the server re-frames the body).
     """
-    items = list(_items(headers))
-    nominated = _connection_tokens(
-        value for name, value in items if normalize_name(name) == "connection"
-    )
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
-        normalized = normalize_name(name)
-        if is_hop_by_hop(normalized) or normalized in nominated:
-            continue
-        out.add(name, value)
-    return out
+    return CIMultiDict(response_header_items(headers))
+
+
+def response_header_items(headers: HeaderSource) -> list[tuple[str, str]]:
+    """``clean_response_headers`` as a list, in the upstream's order."""
+    items = headers if isinstance(headers, list) else list(_items(headers))
+    nominated = _nominated(items)
+    if nominated:
+        return [
+            (name, value)
+            for name, value in items
+            if not _hop(name) and normalize_name(name) not in nominated
+        ]
+    return [(name, value) for name, value in items if not _hop(name)]
+
+
+_HOP_VERDICTS: dict[str, bool] = {}
+
+
+def _hop(name: str) -> bool:
+    """``is_hop_by_hop(normalize_name(name))``, remembered per spelling."""
+    verdict = _HOP_VERDICTS.get(name)
+    if verdict is None:
+        verdict = is_hop_by_hop(normalize_name(name))
+        if len(_HOP_VERDICTS) < _VERDICTS_MAX:
+            _HOP_VERDICTS[name] = verdict
+    return verdict
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

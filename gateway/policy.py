@@ -17,6 +17,7 @@ permission itself, then each wildcard above it (``a:b:*``, ``a:*``, ``*``) — O
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 
 __all__ = [
     "WILDCARD",
@@ -87,10 +88,15 @@ def excess(wanted: frozenset[str], allowed: frozenset[str]) -> frozenset[str]:
     return frozenset(p for p in wanted if not allows(allowed, p))
 
 
+@lru_cache(maxsize=4096)
 def authorize(
     effective: frozenset[str], require: tuple[str, ...], require_any: tuple[str, ...]
 ) -> bool:
-    """Every permission of ``require``, and one of ``require_any`` when it is not empty."""
+    """Every permission of ``require``, and one of ``require_any`` when it is not empty.
+
+    Remembered: there are as many distinct arguments as roles (and role-scoped token sets)
+    times routes, and the answer for them never changes.
+    """
     for needed in require:
         if not allows(effective, needed):
             return False

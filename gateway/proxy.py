@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -59,11 +60,12 @@ from gateway.config import IdentityHeaders, IPNetwork, Route
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import (
     HeaderPolicy,
-    clean_request_headers,
     clean_response_headers,
     forwarded_headers,
     is_trusted,
     is_websocket_upgrade,
+    request_header_items,
+    response_header_items,
 )
 from gateway.upstream import UpstreamPool
 
@@ -78,6 +80,24 @@ _WS_SCHEMES = {"http": "ws", "https": "wss"}
 _BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding"})
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+class RequestView(Protocol):
+    """What the request path reads of a request: an aiohttp ``web.Request``, or the front
+    end's ``FrontRequest`` (``gateway.front``)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def raw_path(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def scheme(self) -> str: ...
 
 
 def client_session() -> aiohttp.ClientSession:
@@ -121,44 +141,75 @@ class Forwarder:
         self.trusted = trusted_proxies
 
     def request_headers(
-        self, request: web.Request, route: Route, identity: Identity | None, request_id: str
+        self, request: RequestView, route: Route, identity: Identity | None, request_id: str
     ) -> CIMultiDict[str]:
         """Strip what a client could spoof or that belongs to this hop, then inject ours."""
-        headers = clean_request_headers(
-            request.headers,
+        return CIMultiDict(self.request_items(request, route, identity, request_id))
+
+    def request_items(
+        self, request: RequestView, route: Route, identity: Identity | None, request_id: str
+    ) -> list[tuple[str, str]]:
+        """``request_headers`` as a list, in the order they are sent."""
+        headers = request.headers
+        items = request_header_items(
+            headers,
             self.policy,
             websocket=False,
             keep_authorization=route.forward_authorization,
             remove=route.remove_request_headers,
         )
         for name, value in route.set_request_headers:
-            headers[name] = value
+            _put(items, name, value)
         peer = request.remote or ""
-        headers.extend(
-            forwarded_headers(
-                request.headers,
-                peer=peer,
-                proto=request.scheme,
-                host=request.host,
-                trusted_peer=is_trusted(peer, self.trusted),
-            )
+        items += forwarded_headers(
+            headers,
+            peer=peer,
+            proto=request.scheme,
+            host=request.host,
+            trusted_peer=is_trusted(peer, self.trusted),
         )
         if route.preserve_host:
-            headers["Host"] = request.host
+            _put(items, "Host", request.host)
         names = self.names
         if identity is not None:
-            headers.extend(identity_headers(names, identity))
+            items += identity_headers(names, identity)
             if self.signer is not None:
-                headers[self.signer.header] = self.signer.sign(identity, route.name)
-        headers[names.request_id] = request_id
-        return headers
+                _put(items, self.signer.header, self.signer.sign(identity, route.name))
+        _put(items, names.request_id, request_id)
+        return items
+
+    def prepare(
+        self,
+        request: RequestView,
+        route: Route,
+        url: str,
+        identity: Identity | None,
+        request_id: str,
+    ) -> tuple[str, str, list[tuple[str, str]]]:
+        """The upstream's origin, the request target (the exact canonical path and query)
+        and the headers to send."""
+        cut = url.find("/", url.find("://") + 3)
+        return url[:cut], url[cut:], self.request_items(request, route, identity, request_id)
+
+    def response_headers(
+        self, upstream: list[tuple[str, str]], identity: Identity | None, request_id: str
+    ) -> list[tuple[str, str]]:
+        """The upstream's answer's headers as the client gets them, in order."""
+        items = response_header_items(upstream)
+        if identity is not None and identity.expires_header is not None:
+            _put(items, TOKEN_EXPIRES_HEADER, identity.expires_header)
+        _put(items, self.names.request_id, request_id)
+        return items
+
+    def _stamp(self, headers: CIMultiDict[str], identity: Identity | None, request_id: str) -> None:
+        if identity is not None and identity.expires_header is not None:
+            headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
+        headers[self.names.request_id] = request_id
 
     def _decorate(
         self, response: web.StreamResponse, identity: Identity | None, request_id: str
     ) -> None:
-        if identity is not None and identity.expires_header is not None:
-            response.headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
-        response.headers[self.names.request_id] = request_id
+        self._stamp(response.headers, identity, request_id)
 
     async def forward(
         self,
@@ -170,7 +221,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         if route.websocket and request.method == "GET" and is_websocket_upgrade(request.headers):
             return await self.websocket(request, route, url, identity, request_id)
-        headers = self.request_headers(request, route, identity, request_id)
+        origin, target, headers = self.prepare(request, route, url, identity, request_id)
         body: AsyncIterator[bytes] | None = None
         length = request.content_length
         if request.body_exists:
@@ -180,12 +231,11 @@ class Forwarder:
                 body = _limited(request.content, route.max_body)
             else:
                 body = request.content.iter_any()
-        cut = url.find("/", url.find("://") + 3)  # origin | exact canonical path and query
         upstream = await self.pool.request(
-            url[:cut],
+            origin,
             request.method,
-            url[cut:],
-            list(headers.items()),
+            target,
+            headers,
             body,
             length if body is not None else None,
             connect_timeout=route.connect_timeout,
@@ -193,8 +243,7 @@ class Forwarder:
         )
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            response.headers.extend(clean_response_headers(upstream.headers))
-            self._decorate(response, identity, request_id)
+            response.headers.extend(self.response_headers(upstream.headers, identity, request_id))
             await response.prepare(request)
             async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
@@ -279,6 +328,22 @@ class Forwarder:
                     response.headers.add(name, value)
         self._decorate(response, identity, request_id)
         return response
+
+
+def _put(items: list[tuple[str, str]], name: str, value: str) -> None:
+    """``items[name] = value`` as a multidict does it: the first header of that name (any
+    case) takes the value in place, the others go; else it is appended."""
+    lower = name.lower()
+    at = -1
+    for index, (other, _) in enumerate(items):
+        if other.lower() == lower:
+            at = index
+            break
+    if at < 0:
+        items.append((name, value))
+        return
+    items[at] = (name, value)
+    items[at + 1 :] = [item for item in items[at + 1 :] if item[0].lower() != lower]
 
 
 def _subprotocols(headers: MultiMapping[str]) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from gateway.config import Route
@@ -79,6 +80,22 @@ def normalize_host(host: str) -> str:
         raise BadRequest("the Host header is not a valid host")
     host = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
     return host.rstrip(".").lower()
+
+
+@lru_cache(maxsize=1024)
+def _normalized_or_none(host: str) -> str | None:
+    try:
+        return normalize_host(host)
+    except BadRequest:
+        return None
+
+
+def _known_host(host: str) -> str:
+    """``normalize_host``, remembered for the Host values seen most recently."""
+    name = _normalized_or_none(host)
+    if name is None:
+        raise BadRequest("the Host header is not a valid host")
+    return name
 
 
 def _configured_host(host: str) -> str:
@@ -215,7 +232,7 @@ class RouteTable:
 
     def _indexes(self, host: str | None) -> tuple[_Index, ...]:
         if host:
-            name = normalize_host(host)  # validates every request's Host, used or not
+            name = _known_host(host)  # validates every request's Host, used or not
             index = self._by_host.get(name) if self._by_host else None
             if index is not None:
                 return (index, self._any_host)

@@ -17,6 +17,7 @@ from gateway import logs, store
 from gateway.app import create_admin_app, create_app, reload
 from gateway.config import Config, Listen, load_config
 from gateway.errors import ConfigError
+from gateway.front import GatewayRunner
 from gateway.keys import LIVE, TELEMETRY
 
 SHUTDOWN_GRACE = 20.0
@@ -98,7 +99,7 @@ async def serve(
     app = create_app(cfg, database_url)
     # handler_cancellation: a client that goes away cancels its handler, and with it the
     # upstream request (SPEC §6), instead of leaving it to run to its end.
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
         access_log=None,
         handle_signals=False,

@@ -82,6 +82,13 @@ class TokenFormat:
         if not self.is_well_formed(value):
             raise MalformedToken()
 
+    def digest(self, plaintext: str) -> bytes:
+        """The current digest: the cache's key."""
+        data = plaintext.encode()
+        if not self._peppers:
+            return hashlib.sha256(data).digest()
+        return hmac.new(self._peppers[0], data, hashlib.sha256).digest()
+
     def digests(self, plaintext: str) -> tuple[bytes, ...]:
         """Every digest the token may be stored under, the current one first."""
         data = plaintext.encode()

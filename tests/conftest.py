@@ -23,6 +23,7 @@ from gateway import embedded, store
 from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.lifecycle import OPERATOR, Expiry, TokenService
+from tests.servers import GatewayTestServer
 
 TEST_DATABASE_ENV = "PATGATE_TEST_DATABASE_URL"
 
@@ -223,11 +224,10 @@ async def make_gateway(
     database_url: str, aiohttp_client: Any
 ) -> Callable[[Config], Awaitable[TestClient[Any, Any]]]:
     async def start(cfg: Config) -> TestClient[Any, Any]:
-        # As in server.serve. aiohttp's TestServer already starts every runner with
-        # handler_cancellation=True (and drops these kwargs); passed so the intent is kept.
-        client: TestClient[Any, Any] = await aiohttp_client(
-            create_app(cfg, database_url), server_kwargs={"handler_cancellation": True}
-        )
+        # As in server.serve: the front end first. aiohttp's TestServer starts every runner
+        # with handler_cancellation=True, as serve does.
+        server = GatewayTestServer(create_app(cfg, database_url), host="127.0.0.1")
+        client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
 
     return start

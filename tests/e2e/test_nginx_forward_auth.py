@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import LISTENER, create_app
 from gateway.lifecycle import OPERATOR
 from tests.conftest import RecordingUpstream, Seeder, gateway_config
+from tests.servers import GatewayTestServer
 
 SNIPPET = Path(__file__).parents[2] / "deploy" / "forward-auth" / "nginx.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -61,7 +62,7 @@ def nginx_port() -> int:
 @pytest.fixture
 async def gateway(database_url: str, upstream: RecordingUpstream) -> AsyncIterator[TestServer]:
     cfg = gateway_config(upstream.url, trusted_proxies=["127.0.0.1/32"])
-    server = TestServer(create_app(cfg, database_url), host="127.0.0.1")
+    server = GatewayTestServer(create_app(cfg, database_url), host="127.0.0.1")
     await server.start_server()
     await asyncio.wait_for(server.app[LISTENER].connected.wait(), 10)
     yield server

@@ -32,6 +32,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Config
+from tests.servers import GatewayTestServer
 
 __all__ = [
     "host_readings",
@@ -111,6 +112,6 @@ def host_readings(value: str) -> set[str]:
 
 async def start_gateway(cfg: Config, database_url: str) -> TestServer:
     """The real gateway app as a real server on 127.0.0.1 (close it when done)."""
-    server = TestServer(create_app(cfg, database_url), host="127.0.0.1")
+    server = GatewayTestServer(create_app(cfg, database_url), host="127.0.0.1")
     await server.start_server()
     return server

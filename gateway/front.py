@@ -1,0 +1,592 @@
+"""The main listener's front end: its own HTTP/1.1 protocol for the hot path (issue 7).
+
+Why: aiohttp's server spends about 80 µs of CPU per request before a handler runs (a
+``BaseRequest``, a ``StreamResponse``, a task, its writer and timers), against a few µs of
+llhttp parsing. A reverse proxy's common request is a GET with no body, and for that one
+``FrontProtocol`` does everything itself, with callbacks and no task: llhttp (httptools)
+parses the head; ``GatewayHandler`` makes the same decisions as for any request (canonical
+path, route, the cache's identity, permissions, headers); ``UpstreamPool.send`` relays the
+answer chunk by chunk as it arrives; one metrics update and one access-log line end it.
+
+Everything else is handed to aiohttp, on the same connection, before a byte of it is
+answered: ``transport.set_protocol`` to aiohttp's ``RequestHandler`` and the unparsed bytes
+from the start of that request replayed into it. Handed over are requests with a body or
+``Expect``, upgrades (WebSockets), anything not HTTP/1.1, paths that are not canonical (so
+that aiohttp and ``GatewayHandler`` refuse them exactly as before), ``/_patgate/`` (the
+management API, forward-auth, the page), heads over ``MAX_HEAD`` bytes and anything llhttp
+will not parse. A token not in the cache is looked up in a task, then the request goes on
+as above. The connection stays aiohttp's once handed over.
+
+What the client gets is what aiohttp's server would send: the same status line, headers
+(``Date``, ``Server``, ``Content-Type`` defaulted as aiohttp does), framing (the upstream's
+``Content-Length``, else chunked; no body for HEAD, 1xx, 204, 304), the same problem+json
+errors. A fault after the answer has started cuts the connection. A client that goes away
+closes the upstream connection. Requests on one connection are answered in order, one at a
+time; pipelined ones wait in the buffer (reading pauses above ``READ_HIGH_WATER``). Idle
+keep-alive connections close after ``KEEPALIVE_TIMEOUT``, as aiohttp's do.
+
+Stopping (``pre_shutdown``/``shutdown``, from aiohttp's runner): idle connections close at
+once; one with a request in flight finishes it with ``Connection: close``, or is cut when
+the shutdown timeout ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from time import perf_counter
+from typing import Final, cast
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_protocol import RequestHandler
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from multidict import CIMultiDict
+
+from gateway.auth import Identity
+from gateway.config import Route
+from gateway.errors import PatgateError, UpstreamTimeout, UpstreamUnavailable
+from gateway.handler import (
+    GATE,
+    NO_ROUTE,
+    PENDING,
+    RESERVED_PREFIX,
+    GatewayHandler,
+    access_fields,
+    new_request_id,
+)
+from gateway.keys import Runtime
+from gateway.paths import canonical_path
+from gateway.upstream import Exchange, _Connection
+
+__all__ = ["FrontProtocol", "FrontRequest", "FrontServer", "GatewayRunner"]
+
+log = logging.getLogger("patgate")
+
+MAX_HEAD: Final = 8190  # a longer head goes to aiohttp, which applies its own limits
+MAX_HEADERS: Final = 128  # aiohttp's limit: more go to aiohttp, which refuses them
+# aiohttp's parser refuses a second one of these (RFC 9110 singletons) with 400.
+_SINGLETONS: Final = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
+)
+_ODD: Final = frozenset({b"expect", b"upgrade"})
+_WATCHED: Final = _SINGLETONS | _ODD
+READ_HIGH_WATER: Final = 64 * 1024  # pipelined bytes held before reading pauses
+KEEPALIVE_TIMEOUT: Final = 75.0  # aiohttp's default
+_ENCODING: Final = "utf-8"
+_ERRORS: Final = "surrogateescape"  # as aiohttp's parser: any header byte survives
+_EMPTY_STATUSES: Final = frozenset((204, 304, *range(100, 200)))
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_SERVER_LINE: Final = f"Server: {SERVER_SOFTWARE}\r\n"
+_HAS_TYPE, _HAS_DATE, _HAS_SERVER = 1, 2, 4
+_PRESENCE: Final = {"content-type": _HAS_TYPE, "date": _HAS_DATE, "server": _HAS_SERVER}
+
+
+def _present(items: list[tuple[str, str]]) -> int:
+    """Which of Content-Type, Date and Server the headers have, as _HAS_* bits."""
+    has = 0
+    for name, _ in items:
+        size = len(name)
+        if size == 12 or size == 4 or size == 6:
+            has |= _PRESENCE.get(name.lower(), 0)
+    return has
+
+
+def _framing(items: list[tuple[str, str]]) -> str:
+    """The upstream's Content-Length, kept as the answer's framing; "" (chunked) without."""
+    for name, value in items:
+        if len(name) == 14 and name.lower() == "content-length":
+            return value
+    return ""
+
+
+class FrontRequest:
+    """A parsed request head: what ``GatewayHandler`` reads (``RequestView``)."""
+
+    __slots__ = ("headers", "host", "method", "raw_path", "remote")
+
+    scheme: Final = "http"
+
+    def __init__(
+        self, method: str, raw_path: str, headers: CIMultiDict[str], host: str, remote: str
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.host = host
+        self.remote = remote
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection, until it ends or is handed to aiohttp."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, server: FrontServer) -> None:
+        self.server = server
+        self.gate = server.gate
+        self.loop = server.loop
+        self.parser = HttpRequestParser(self)
+        self.buffer = b""  # received, not yet answered: starts at a request's first byte
+        self.remote = ""
+        self.idle_since = 0.0
+        self.busy = False  # a request is being answered
+        self.processing = False  # inside process(): finish() must not re-enter it
+        self.closing = False  # answer the request in flight, then close
+        self.closed = False
+        self.reading_paused = False
+        self.write_paused = False  # the client is not reading: neither does the exchange
+        # the head being parsed
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._complete = False
+        self._keep_alive = True
+        self._odd = False  # a head only aiohttp's server answers
+        self._singletons: set[bytes] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        """No request in flight."""
+        self.request: FrontRequest | None = None
+        self.rt: Runtime | None = None
+        self.request_id = ""
+        self.label = NO_ROUTE
+        self.identity: Identity | None = None
+        self.started = 0.0
+        self.forwarded: float | None = None
+        self.keep_alive = True
+        self.exchange: Exchange | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pending: bytes | None = None  # the answer's head, held to go with its body
+        self.answered = False  # the answer's head was decided: faults now cut the connection
+        self.status = 0
+        self.chunked = False
+        self.bodyless = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else ""
+        self.idle_since = self.loop.time()
+        self.server.fronts.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.busy:
+            if len(self.buffer) > READ_HIGH_WATER and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return
+        self.process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.exchange is not None:
+            self.exchange.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume_reading()
+
+    # -- httptools callbacks (fed one complete head at a time) --------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower in _WATCHED:
+            if lower in _ODD or lower in self._singletons:
+                self._odd = True  # aiohttp's: Expect, Upgrade, a duplicate singleton (a 400)
+            self._singletons.add(lower)
+        if b"\x00" in value:
+            self._odd = True  # aiohttp refuses it (llhttp leaves it to the caller)
+        value = value.rstrip(b" \t")  # llhttp strips the OWS before a value, not after
+        self._headers.append((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)))
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        self._keep_alive = self.parser.should_keep_alive()  # llhttp resets it after this
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Take requests from the buffer until one is in flight, or the head is partial."""
+        self.processing = True
+        try:
+            while not self.busy and self.buffer and not self.closed:
+                if not self._next():
+                    return
+        finally:
+            self.processing = False
+
+    def _next(self) -> bool:
+        """Start the buffer's first request; False when there is nothing more to do now."""
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD or b"\n\n" in buffer:
+                self.hand_off()
+            return False
+        end += 4
+        if end > MAX_HEAD or self.closing:
+            if self.closing:  # stopping: a pipelined request is not started
+                self.transport.close()
+            else:
+                self.hand_off()
+            return False
+        self._url = b""
+        self._headers = []
+        self._complete = self._odd = False
+        if self._singletons:
+            self._singletons = set()
+        parser = self.parser
+        try:
+            parser.feed_data(buffer[:end])
+        except (HttpParserError, HttpParserUpgrade):
+            self.hand_off()
+            return False
+        if (
+            not self._complete
+            or self._odd
+            or len(self._headers) > MAX_HEADERS
+            or parser.get_http_version() != "1.1"
+        ):
+            self.hand_off()  # a body, Expect, an upgrade, HTTP/1.0, ...
+            return False
+        target = self._url.decode(_ENCODING, _ERRORS)
+        raw_path, _, query = target.partition("?")
+        try:
+            path = canonical_path(raw_path)
+        except PatgateError:
+            self.hand_off()  # refused by GatewayHandler, as before
+            return False
+        if path.startswith(RESERVED_PREFIX):
+            self.hand_off()
+            return False
+        headers = CIMultiDict(self._headers)
+        host = headers.get("Host")
+        if host is None:
+            self.hand_off()
+            return False
+        self.buffer = buffer[end:]
+        method = parser.get_method().decode(_ENCODING, _ERRORS)
+        request = FrontRequest(method, target, headers, host, self.remote)
+        self.busy = True
+        self.keep_alive = self._keep_alive
+        self.begin(request, path, query)
+        return True
+
+    def hand_off(self) -> None:
+        """The connection is aiohttp's from here: the buffer holds the next request whole."""
+        handler = self.server.aiohttp_protocol()
+        transport = self.transport
+        self.server.forget(self)
+        self.closed = True  # to this protocol
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.reading_paused:
+            transport.resume_reading()
+        buffer, self.buffer = self.buffer, b""
+        if buffer:
+            handler.data_received(buffer)
+
+    def begin(self, request: FrontRequest, path: str, query: str) -> None:
+        gate = self.gate
+        self.started = perf_counter()
+        rt = self.rt = gate.live.runtime
+        self.request = request
+        self.request_id = rt.header_policy.request_id(request.headers) or new_request_id()
+        try:
+            route = rt.routes.match(request.host, request.method, path)
+            self.label = route.name
+            identity = gate.admit_cached(request, rt, route)
+            if identity is PENDING:
+                self.task = self.loop.create_task(self._admit(request, rt, route, path, query))
+                return
+            self.forward(route, path, query, identity)
+        except PatgateError as error:
+            self.refuse(error)
+        except Exception:
+            self.fault()
+
+    async def _admit(
+        self, request: FrontRequest, rt: Runtime, route: Route, path: str, query: str
+    ) -> None:
+        """A token the cache does not know: the database answers, then on as usual."""
+        try:
+            identity = await self.gate.admit(request, rt, route)
+        except PatgateError as error:
+            self.task = None
+            self.refuse(error)
+            return
+        except Exception:
+            self.task = None
+            self.fault()
+            return
+        self.task = None
+        try:
+            self.forward(route, path, query, identity)
+        except PatgateError as error:
+            self.refuse(error)
+        except Exception:
+            self.fault()
+
+    def forward(self, route: Route, path: str, query: str, identity: Identity | None) -> None:
+        request, rt = self.request, self.rt
+        assert request is not None
+        assert rt is not None
+        self.identity = identity
+        forwarder = self.gate.forwarder
+        url = rt.routes.upstream_url(route, path, query)
+        origin, target, headers = forwarder.prepare(request, route, url, identity, self.request_id)
+        self.forwarded = perf_counter()
+        self.exchange = forwarder.pool.send(
+            origin,
+            request.method,
+            target,
+            headers,
+            self,
+            connect_timeout=route.connect_timeout,
+            read_timeout=route.timeout,
+        )
+        if self.write_paused:
+            self.exchange.pause_reading()
+
+    # -- the upstream's answer (gateway.upstream.Relay) ---------------------------------------
+
+    def upstream_head(self, conn: _Connection) -> None:
+        request = self.request
+        assert request is not None
+        status = conn.status
+        items = self.gate.forwarder.response_headers(conn.headers, self.identity, self.request_id)
+        self.status = status
+        self.answered = True
+        if status in _EMPTY_STATUSES:
+            self.bodyless = True
+            items = [item for item in items if item[0].lower() != "content-length"]
+            self.pending = self._head(status, conn.reason, items, None)
+        elif request.method == "HEAD":
+            self.bodyless = True
+            self.pending = self._head(status, conn.reason, items, None)
+        else:
+            length = _framing(items)
+            self.chunked = length == ""
+            self.pending = self._head(status, conn.reason, items, length)
+
+    def upstream_body(self, chunk: bytes) -> None:
+        if self.bodyless or not chunk:
+            return
+        if self.chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            chunk = pending + chunk
+        self.transport.write(chunk)
+
+    def upstream_flush(self) -> None:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self.transport.write(pending)
+
+    def upstream_done(self) -> None:
+        self.exchange = None
+        tail = _LAST_CHUNK if self.chunked and not self.bodyless else b""
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            tail = pending + tail
+        if tail:
+            self.transport.write(tail)
+        self.finish(self.status)
+
+    def upstream_failed(self, error: UpstreamTimeout | UpstreamUnavailable) -> None:
+        self.exchange = None
+        if not self.answered:
+            self.refuse(error)
+            return
+        self.transport.abort()  # the answer has started: cut the connection, never fake an end
+        self.keep_alive = False
+        self.closed = True
+        self.finish(self.status)
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def _head(
+        self, status: int, reason: str, items: list[tuple[str, str]], length: str | None
+    ) -> bytes:
+        """The answer's head as aiohttp's ``StreamResponse`` writes it: the headers, then
+        what it adds when they lack it. ``length``: the body's ``Content-Length`` ("" for
+        chunked), or None for an answer without a body."""
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in items]
+        has = _present(items)
+        if length is not None:
+            if length == "":
+                lines.append("Transfer-Encoding: chunked\r\n")
+            if length != "0" and not has & _HAS_TYPE:
+                lines.append("Content-Type: application/octet-stream\r\n")
+        if not has & _HAS_DATE:
+            lines.append(f"Date: {rfc822_formatted_time()}\r\n")
+        if not has & _HAS_SERVER:
+            lines.append(_SERVER_LINE)
+        if self.closing:
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode(_ENCODING, _ERRORS)
+
+    def refuse(self, error: PatgateError) -> None:
+        """problem+json, as ``GatewayHandler`` answers it."""
+        rt = self.rt
+        assert rt is not None
+        response = self.gate.refused(error, rt, self.request_id)
+        body = response.body
+        assert isinstance(body, bytes)
+        items = [*response.headers.items(), ("Content-Length", str(len(body)))]
+        head = self._head(response.status, response.reason, items, None)
+        request = self.request
+        self.transport.write(
+            head if request is not None and request.method == "HEAD" else head + body
+        )
+        self.finish(response.status)
+
+    def fault(self) -> None:
+        """A bug: still problem+json, and logged with its request id."""
+        log.exception("gateway error", extra={"fields": {"request_id": self.request_id}})
+        self.refuse(PatgateError())
+
+    def finish(self, status: int) -> None:
+        request, rt = self.request, self.rt
+        assert request is not None
+        assert rt is not None
+        self.gate.telemetry.request(
+            route=self.label,
+            method=request.method,
+            status=status,
+            started=self.started,
+            forwarded=self.forwarded,
+            ended=perf_counter(),
+            fields=partial(access_fields, request, rt, self.request_id, self.identity),
+        )
+        keep_alive = self.keep_alive and not self.closing
+        self._reset()
+        self.busy = False
+        if self.closed:
+            return
+        if not keep_alive:
+            self.closed = True
+            self.transport.close()
+            return
+        self.idle_since = self.loop.time()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.buffer and not self.processing:
+            self.process()
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def shut(self) -> None:
+        """Stop: close if idle, else after the answer in flight."""
+        self.closing = True
+        if not self.busy and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def cut(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+
+class FrontServer(web.Server):
+    """aiohttp's ``Server`` whose protocol factory makes ``FrontProtocol``s (aiohttp's
+    ``RequestHandler`` only on a hand-over), and whose shutdown also drains them."""
+
+    def __init__(self, inner: web.Server, gate: GatewayHandler) -> None:
+        # aiohttp has no public way to copy a Server's settings: these are its own attributes.
+        super().__init__(
+            inner.request_handler,
+            request_factory=inner.request_factory,
+            handler_cancellation=inner.handler_cancellation,
+            loop=inner._loop,
+            **inner._kwargs,
+        )
+        self.gate = gate
+        self.loop = inner._loop
+        self.fronts: set[FrontProtocol] = set()
+        self._drained: asyncio.Future[None] | None = None
+        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 4, self._sweep)
+
+    def __call__(self) -> FrontProtocol:  # type: ignore[override]  # the socket's protocol
+        return FrontProtocol(self)
+
+    def aiohttp_protocol(self) -> RequestHandler:
+        return super().__call__()
+
+    def forget(self, front: FrontProtocol) -> None:
+        self.fronts.discard(front)
+        if not self.fronts and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _sweep(self) -> None:
+        """Close keep-alive connections idle (or stuck in a partial head) for too long."""
+        expired = self.loop.time() - KEEPALIVE_TIMEOUT
+        for front in [f for f in self.fronts if not f.busy and f.idle_since < expired]:
+            front.shut()
+        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 4, self._sweep)
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        self._sweeper.cancel()
+        for front in list(self.fronts):
+            front.shut()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's
+        await asyncio.gather(super().shutdown(timeout), self._drain(timeout))
+
+    async def _drain(self, grace: float | None) -> None:
+        if self.fronts:
+            self._drained = self.loop.create_future()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._drained
+            except TimeoutError:
+                for front in list(self.fronts):
+                    front.cut()
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` for the gateway application, serving through the front end."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return FrontServer(server, self.app[GATE])

@@ -1,0 +1,223 @@
+"""The front end (gateway.front) against aiohttp's server: the same bytes for the same request.
+
+Each request is sent twice over raw sockets: to the gateway as ``patgate serve`` runs it
+(the front end answers plain requests itself) and to the same application behind aiohttp's
+plain ``TestServer`` (aiohttp answers everything). The answers must be identical: status
+line, every header in order (the ``Date`` value aside), and body. The upstream is a raw
+server that writes exactly the answer a case chooses, so framing edge cases are covered too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.config import Config
+from tests.conftest import RecordingUpstream, Seeder, gateway_config
+from tests.security.rawhttp import RawResponse, build_request, exchange
+from tests.servers import GatewayTestServer
+
+REQUEST_ID = ("X-Request-Id", "parity-1")  # a sane client id is kept: both answers carry it
+
+UPSTREAM_ANSWERS = {
+    "json": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    "no-content-type": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    "empty-body": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "chunked": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    ),
+    "close-delimited": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nbye"
+    ),
+    "204": b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-Kept: yes\r\n\r\n",
+    "304": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 12\r\n\r\n',
+    "hop-by-hop": (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nServer: upstream/1\r\n"
+        b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nX-Request-Id: from-upstream\r\n"
+        b"X-Request-Id: again\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 2\r\n\r\nok"
+    ),
+    "empty-reason": b"HTTP/1.1 418 \r\nContent-Length: 0\r\n\r\n",
+    "interim": (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+    ),
+    "garbage": b"this is not http\r\n\r\n",
+}
+
+Start = Callable[[bytes], Awaitable[str]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Start]:
+    """An upstream answering every request with the bytes given; its URL."""
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: bytes) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(answer)
+                    await writer.drain()
+                    if b"Connection: close" in answer or not answer.startswith(b"HTTP/"):
+                        break
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def serve_both(
+    database_url: str,
+) -> AsyncIterator[Callable[[Config], Awaitable[tuple[int, int]]]]:
+    """The same configuration served by the front end and by aiohttp alone: their ports."""
+    servers: list[TestServer] = []
+
+    async def start(cfg: Config) -> tuple[int, int]:
+        front = GatewayTestServer(create_app(cfg, database_url), host="127.0.0.1")
+        plain = TestServer(create_app(cfg, database_url), host="127.0.0.1")
+        for server in (front, plain):
+            await server.start_server()
+            servers.append(server)
+        assert front.port is not None
+        assert plain.port is not None
+        return front.port, plain.port
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+UPSTREAM_DATE = "Mon, 01 Jan 2024 00:00:00 GMT"  # an upstream's Date is relayed as is
+
+
+def comparable(response: RawResponse) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    """The answer with the gateway's own Date value masked (the two may straddle a second)."""
+    headers = [
+        (name, "<date>" if name.lower() == "date" and value != UPSTREAM_DATE else value)
+        for name, value in response.headers
+    ]
+    return response.status, response.reason, headers, response.body
+
+
+async def both_answer(ports: tuple[int, int], data: bytes, method: bytes = b"GET") -> RawResponse:
+    front, plain = [await exchange(port, data, methods=(method,)) for port in ports]
+    assert [comparable(r) for r in front] == [comparable(r) for r in plain]
+    assert len(front) == 1
+    return front[0]
+
+
+@pytest.mark.parametrize("case", sorted(UPSTREAM_ANSWERS))
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_front_answers_as_aiohttp_does(
+    raw_upstream: Start,
+    serve_both: Callable[[Config], Awaitable[tuple[int, int]]],
+    case: str,
+    method: str,
+) -> None:
+    ports = await serve_both(gateway_config(await raw_upstream(UPSTREAM_ANSWERS[case])))
+    data = build_request(method, "/public/a?q=1", [REQUEST_ID])
+    answer = await both_answer(ports, data, method.encode())
+    assert answer.header("X-Request-Id") == "parity-1"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "status"),
+    [
+        ("GET", "/api/jobs/1", [], 401),
+        ("GET", "/api/jobs/1", [("Authorization", "Bearer pat_nope")], 401),
+        ("GET", "/api/jobs/1", [("Authorization", "Basic eDp5")], 401),
+        ("GET", "/nowhere", [], 404),
+        ("DELETE", "/api/invoices/1", [], 405),
+        ("HEAD", "/nowhere", [], 404),
+        ("GET", "/public/%2e%2e/api", [], 400),
+        ("GET", "/public/a", [("Authorization", "Bearer a"), ("Authorization", "Bearer b")], 200),
+        ("GET", "/api/jobs/1", [("Authorization", "Bearer a"), ("Authorization", "Bearer b")], 400),
+    ],
+)
+async def test_front_refuses_as_aiohttp_does(
+    upstream: RecordingUpstream,
+    serve_both: Callable[[Config], Awaitable[tuple[int, int]]],
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    status: int,
+) -> None:
+    ports = await serve_both(gateway_config(upstream.url))
+    data = build_request(method, target, [REQUEST_ID, *headers])
+    answer = await both_answer(ports, data, method.encode())
+    assert answer.status == status
+
+
+async def test_front_forwards_identity_as_aiohttp_does(
+    upstream: RecordingUpstream,
+    serve_both: Callable[[Config], Awaitable[tuple[int, int]]],
+    db: object,
+) -> None:
+    cfg = gateway_config(upstream.url)
+    seed = Seeder(cfg, db)  # type: ignore[arg-type]
+    _, token, _ = await seed.user_with_token("full_user")
+    ports = await serve_both(cfg)
+    sent = [
+        REQUEST_ID,
+        ("Authorization", f"Bearer {token}"),
+        ("X-Auth-User-Id", "spoofed"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Connection", "keep-alive, X-Drop-Me"),
+        ("X-Drop-Me", "1"),
+        ("User-Agent", "parity"),
+    ]
+    answer = await both_answer(ports, build_request("GET", "/api/jobs/7?x=%2F", sent))
+    assert answer.status == 200
+    assert answer.header("X-Auth-Token-Expires-At") is not None
+    front, plain = upstream.received[-2:]
+    assert front.raw_path == plain.raw_path == "/api/jobs/7?x=%2F"
+    assert front.headers == plain.headers  # the same headers, in the same order
+    assert front.header("X-Auth-User-Id") not in (None, "spoofed")
+    assert front.header("X-Drop-Me") is None
+
+
+async def test_pipelined_requests_are_answered_in_order_across_a_hand_over(
+    upstream: RecordingUpstream,
+    serve_both: Callable[[Config], Awaitable[tuple[int, int]]],
+) -> None:
+    """Plain GETs (the front end's), a POST with a body (handed to aiohttp mid-connection)
+    and a GET after it, all in one write: four answers, in order, on one connection."""
+    front_port, _ = await serve_both(gateway_config(upstream.url))
+    data = b"".join(
+        [
+            build_request("GET", "/public/1", close=False),
+            build_request("GET", "/public/2", close=False),
+            build_request("POST", "/public/3", body=b"three", close=False),
+            build_request("GET", "/public/4"),
+        ]
+    )
+    answers = await exchange(front_port, data)
+    assert [a.status for a in answers] == [200, 200, 200, 200]
+    assert [a.json()["path"] for a in answers] == [
+        "/public/1",
+        "/public/2",
+        "/public/3",
+        "/public/4",
+    ]
+    assert [r.raw_path for r in upstream.received] == [
+        "/public/1",
+        "/public/2",
+        "/public/3",
+        "/public/4",
+    ]
+    assert upstream.received[2].body == b"three"
