@@ -23,7 +23,8 @@ What the client gets is what aiohttp's server would send: the same status line, 
 errors. A fault after the answer has started cuts the connection. A client that goes away
 closes the upstream connection. Requests on one connection are answered in order, one at a
 time; pipelined ones wait in the buffer (reading pauses above ``READ_HIGH_WATER``). Idle
-keep-alive connections close after ``KEEPALIVE_TIMEOUT``, as aiohttp's do.
+keep-alive connections close after the runner's ``keepalive_timeout`` (aiohttp's default,
+``KEEPALIVE_TIMEOUT``), as aiohttp's own do.
 
 Stopping (``pre_shutdown``/``shutdown``, from aiohttp's runner): idle connections close at
 once; one with a request in flight finishes it with ``Connection: close``, or is cut when
@@ -43,7 +44,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import Identity
 from gateway.config import Route
@@ -121,13 +122,66 @@ class FrontRequest:
     scheme: Final = "http"
 
     def __init__(
-        self, method: str, raw_path: str, headers: CIMultiDict[str], host: str, remote: str
+        self, method: str, raw_path: str, headers: CIMultiDictProxy[str], host: str, remote: str
     ) -> None:
         self.method = method
         self.raw_path = raw_path
         self.headers = headers
         self.host = host
         self.remote = remote
+
+
+class _Memo:
+    """What one connection's last full parse found, for requests that repeat its headers."""
+
+    __slots__ = (
+        "base",
+        "base_for",
+        "block",
+        "headers",
+        "host",
+        "request_id",
+        "request_id_policy",
+    )
+
+    def __init__(self, block: bytes, headers: CIMultiDictProxy[str]) -> None:
+        self.block = block  # the head after the request line, as received
+        self.headers = headers
+        self.host: str = headers["Host"]
+        self.request_id: str | None = None  # the client's sane request id, under ...
+        self.request_id_policy: object = None  # ... this HeaderPolicy
+        self.base: list[tuple[str, str]] = []  # Forwarder.base_items, for ...
+        self.base_for: tuple[object, object, object] | None = None  # (policy, trusted, route)
+
+
+class _QuickReader:
+    """llhttp over a whole head, reporting only the request line and the framing: for a head
+    whose headers are the ones already parsed."""
+
+    __slots__ = ("complete", "keep_alive", "parser", "url")
+
+    def __init__(self) -> None:
+        self.parser = HttpRequestParser(self)
+        self.url = b""
+        self.complete = False
+        self.keep_alive = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def read(self, head: bytes) -> bool:
+        """False if the head is not the plain HTTP/1.1 request its headers promise."""
+        self.url = b""
+        self.complete = False
+        try:
+            self.parser.feed_data(head)
+        except (HttpParserError, HttpParserUpgrade):
+            return False
+        return self.complete and self.parser.get_http_version() == "1.1"
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -156,6 +210,8 @@ class FrontProtocol(asyncio.Protocol):
         self._keep_alive = True
         self._odd = False  # a head only aiohttp's server answers
         self._singletons: set[bytes] = set()
+        self._memo: _Memo | None = None
+        self.quick = _QuickReader()
         self._reset()
 
     def _reset(self) -> None:
@@ -259,26 +315,27 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 self.hand_off()
             return False
-        self._url = b""
-        self._headers = []
-        self._complete = self._odd = False
-        if self._singletons:
-            self._singletons = set()
-        parser = self.parser
-        try:
-            parser.feed_data(buffer[:end])
-        except (HttpParserError, HttpParserUpgrade):
-            self.hand_off()
-            return False
-        if (
-            not self._complete
-            or self._odd
-            or len(self._headers) > MAX_HEADERS
-            or parser.get_http_version() != "1.1"
-        ):
-            self.hand_off()  # a body, Expect, an upgrade, HTTP/1.0, ...
-            return False
-        target = self._url.decode(_ENCODING, _ERRORS)
+        # A keep-alive client usually repeats its headers: when the bytes after the request
+        # line are the previous request's, llhttp still checks the whole head, but the
+        # header callbacks and what is computed from the headers alone are skipped.
+        block = buffer[buffer.find(b"\r\n") : end]
+        memo = self._memo
+        if memo is not None and block == memo.block:
+            parser = self.quick.parser
+            headers, host = memo.headers, memo.host
+            if not self.quick.read(buffer[:end]):
+                self.hand_off()
+                return False
+            url, keep_alive = self.quick.url, self.quick.keep_alive
+        else:
+            parser = self.parser
+            if not self._parse(buffer[:end]):
+                self.hand_off()  # a body, Expect, an upgrade, HTTP/1.0, no Host, ...
+                return False
+            memo = self._memo = _Memo(block, CIMultiDictProxy(CIMultiDict(self._headers)))
+            headers, host = memo.headers, memo.host
+            url, keep_alive = self._url, self._keep_alive
+        target = url.decode(_ENCODING, _ERRORS)
         raw_path, _, query = target.partition("?")
         try:
             path = canonical_path(raw_path)
@@ -288,18 +345,33 @@ class FrontProtocol(asyncio.Protocol):
         if path.startswith(RESERVED_PREFIX):
             self.hand_off()
             return False
-        headers = CIMultiDict(self._headers)
-        host = headers.get("Host")
-        if host is None:
-            self.hand_off()
-            return False
         self.buffer = buffer[end:]
         method = parser.get_method().decode(_ENCODING, _ERRORS)
         request = FrontRequest(method, target, headers, host, self.remote)
         self.busy = True
-        self.keep_alive = self._keep_alive
-        self.begin(request, path, query)
+        self.keep_alive = keep_alive
+        self.begin(request, path, query, memo)
         return True
+
+    def _parse(self, head: bytes) -> bool:
+        """The full parse of a head, with every header; False if aiohttp must answer it."""
+        self._url = b""
+        self._headers = []
+        self._complete = self._odd = False
+        if self._singletons:
+            self._singletons = set()
+        parser = self.parser
+        try:
+            parser.feed_data(head)
+        except (HttpParserError, HttpParserUpgrade):
+            return False
+        return (
+            self._complete
+            and not self._odd
+            and len(self._headers) <= MAX_HEADERS
+            and parser.get_http_version() == "1.1"
+            and any(len(name) == 4 and name.lower() == "host" for name, _ in self._headers)
+        )
 
     def hand_off(self) -> None:
         """The connection is aiohttp's from here: the buffer holds the next request whole."""
@@ -315,27 +387,33 @@ class FrontProtocol(asyncio.Protocol):
         if buffer:
             handler.data_received(buffer)
 
-    def begin(self, request: FrontRequest, path: str, query: str) -> None:
+    def begin(self, request: FrontRequest, path: str, query: str, memo: _Memo) -> None:
         gate = self.gate
         self.started = perf_counter()
         rt = self.rt = gate.live.runtime
         self.request = request
-        self.request_id = rt.header_policy.request_id(request.headers) or new_request_id()
+        policy = rt.header_policy
+        if memo.request_id_policy is not policy:
+            memo.request_id = policy.request_id(request.headers)
+            memo.request_id_policy = policy
+        self.request_id = memo.request_id or new_request_id()
         try:
             route = rt.routes.match(request.host, request.method, path)
             self.label = route.name
             identity = gate.admit_cached(request, rt, route)
             if identity is PENDING:
-                self.task = self.loop.create_task(self._admit(request, rt, route, path, query))
+                self.task = self.loop.create_task(
+                    self._admit(request, rt, route, path, query, memo)
+                )
                 return
-            self.forward(route, path, query, identity)
+            self.forward(route, path, query, identity, memo)
         except PatgateError as error:
             self.refuse(error)
         except Exception:
             self.fault()
 
     async def _admit(
-        self, request: FrontRequest, rt: Runtime, route: Route, path: str, query: str
+        self, request: FrontRequest, rt: Runtime, route: Route, path: str, query: str, memo: _Memo
     ) -> None:
         """A token the cache does not know: the database answers, then on as usual."""
         try:
@@ -350,20 +428,33 @@ class FrontProtocol(asyncio.Protocol):
             return
         self.task = None
         try:
-            self.forward(route, path, query, identity)
+            self.forward(route, path, query, identity, memo)
         except PatgateError as error:
             self.refuse(error)
         except Exception:
             self.fault()
 
-    def forward(self, route: Route, path: str, query: str, identity: Identity | None) -> None:
+    def forward(
+        self, route: Route, path: str, query: str, identity: Identity | None, memo: _Memo
+    ) -> None:
         request, rt = self.request, self.rt
         assert request is not None
         assert rt is not None
         self.identity = identity
         forwarder = self.gate.forwarder
+        known = memo.base_for
+        if not (
+            known is not None
+            and known[2] is route
+            and known[0] is forwarder.policy
+            and known[1] is forwarder.trusted
+        ):
+            memo.base = forwarder.base_items(request, route)
+            memo.base_for = (forwarder.policy, forwarder.trusted, route)
         url = rt.routes.upstream_url(route, path, query)
-        origin, target, headers = forwarder.prepare(request, route, url, identity, self.request_id)
+        origin, target, headers = forwarder.prepare(
+            request, route, url, identity, self.request_id, memo.base
+        )
         self.forwarded = perf_counter()
         self.exchange = forwarder.pool.send(
             origin,
@@ -544,7 +635,9 @@ class FrontServer(web.Server):
         self.loop = inner._loop
         self.fronts: set[FrontProtocol] = set()
         self._drained: asyncio.Future[None] | None = None
-        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 4, self._sweep)
+        # aiohttp's RequestHandler takes the same keyword: one idle limit for both protocols
+        self.keepalive_timeout = float(inner._kwargs.get("keepalive_timeout", KEEPALIVE_TIMEOUT))
+        self._sweeper = self.loop.call_later(self.keepalive_timeout / 4, self._sweep)
 
     def __call__(self) -> FrontProtocol:  # type: ignore[override]  # the socket's protocol
         return FrontProtocol(self)
@@ -559,10 +652,10 @@ class FrontServer(web.Server):
 
     def _sweep(self) -> None:
         """Close keep-alive connections idle (or stuck in a partial head) for too long."""
-        expired = self.loop.time() - KEEPALIVE_TIMEOUT
+        expired = self.loop.time() - self.keepalive_timeout
         for front in [f for f in self.fronts if not f.busy and f.idle_since < expired]:
             front.shut()
-        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 4, self._sweep)
+        self._sweeper = self.loop.call_later(self.keepalive_timeout / 4, self._sweep)
 
     def pre_shutdown(self) -> None:
         super().pre_shutdown()

@@ -147,9 +147,27 @@ class Forwarder:
         return CIMultiDict(self.request_items(request, route, identity, request_id))
 
     def request_items(
-        self, request: RequestView, route: Route, identity: Identity | None, request_id: str
+        self,
+        request: RequestView,
+        route: Route,
+        identity: Identity | None,
+        request_id: str,
+        base: list[tuple[str, str]] | None = None,
     ) -> list[tuple[str, str]]:
-        """``request_headers`` as a list, in the order they are sent."""
+        """``request_headers`` as a list, in the order they are sent. ``base``: what
+        ``base_items`` returned for this request and route, when the caller kept it."""
+        items = self.base_items(request, route) if base is None else base.copy()
+        if identity is not None:
+            items += identity_headers(self.names, identity)
+            if self.signer is not None:
+                _put(items, self.signer.header, self.signer.sign(identity, route.name))
+        _put(items, self.names.request_id, request_id)
+        return items
+
+    def base_items(self, request: RequestView, route: Route) -> list[tuple[str, str]]:
+        """The headers sent upstream before identity and request id: the client's, cleaned,
+        the route's own and ``X-Forwarded-*``. A function of the request's headers, peer and
+        the route, for this Forwarder's configuration (``configure`` replaces the objects)."""
         headers = request.headers
         items = request_header_items(
             headers,
@@ -170,12 +188,6 @@ class Forwarder:
         )
         if route.preserve_host:
             _put(items, "Host", request.host)
-        names = self.names
-        if identity is not None:
-            items += identity_headers(names, identity)
-            if self.signer is not None:
-                _put(items, self.signer.header, self.signer.sign(identity, route.name))
-        _put(items, names.request_id, request_id)
         return items
 
     def prepare(
@@ -185,11 +197,13 @@ class Forwarder:
         url: str,
         identity: Identity | None,
         request_id: str,
+        base: list[tuple[str, str]] | None = None,
     ) -> tuple[str, str, list[tuple[str, str]]]:
         """The upstream's origin, the request target (the exact canonical path and query)
         and the headers to send."""
         cut = url.find("/", url.find("://") + 3)
-        return url[:cut], url[cut:], self.request_items(request, route, identity, request_id)
+        items = self.request_items(request, route, identity, request_id, base)
+        return url[:cut], url[cut:], items
 
     def response_headers(
         self, upstream: list[tuple[str, str]], identity: Identity | None, request_id: str

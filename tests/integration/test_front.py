@@ -221,3 +221,25 @@ async def test_pipelined_requests_are_answered_in_order_across_a_hand_over(
         "/public/4",
     ]
     assert upstream.received[2].body == b"three"
+
+
+@pytest.mark.parametrize("state", ["after an answer", "inside a partial head"])
+async def test_idle_keep_alive_connections_are_closed(
+    upstream: RecordingUpstream, database_url: str, state: str
+) -> None:
+    server = GatewayTestServer(create_app(gateway_config(upstream.url), database_url))
+    await server.start_server(keepalive_timeout=0.2)  # as aiohttp's own connections
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            if state == "after an answer":
+                writer.write(build_request("GET", "/public/a", close=False))
+                assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(len(b'{"path": "/public/a"}'))
+            else:
+                writer.write(b"GET /public/a HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
+            assert await reader.read() == b""  # the gateway closed it
+            writer.close()
+    finally:
+        await server.close()
