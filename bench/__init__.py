@@ -7,5 +7,6 @@ Modules: ``system`` (tools, machine, CPU accounting), ``processes`` (starting an
 what the run needs), ``upstream`` (the fast upstream), ``nginx``, ``database`` (embedded
 PostgreSQL, seeding, query counting), ``patgate`` (its config and process), ``wrk``
 (load and its Lua scripts), ``report`` (table, JSON, chart), ``run`` (the scenarios),
-``cli`` (options and output).
+``cli`` (options and output). ``python -m bench.hotpath`` is apart: the hot path's Python
+CPU per request, in process, without sockets (the figure to watch while optimizing).
 """
