@@ -2,7 +2,9 @@
 canonical path → route → authenticate → authorize → forward (or answer forward-auth).
 
 Every gateway error becomes problem+json here, in one place, and every request ends in
-one metrics update and one access-log line.
+one metrics update and one access-log line. ``handle`` serves what aiohttp's server
+answers; the front end (``gateway.front``) asks the same methods (``admit_cached``,
+``admit``, ``refused``) for the plain requests it answers itself.
 """
 
 from __future__ import annotations

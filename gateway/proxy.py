@@ -1,5 +1,10 @@
 """forward(): one request to its upstream and the answer back, streamed both ways.
 
+This is the path of the requests aiohttp's server answers (bodies, WebSockets, anything
+the front end hands over). A plain request the front end (``gateway.front``) answers itself
+takes the same decisions and headers from here (``prepare``, ``response_headers``) and goes
+through ``UpstreamPool.send``; the behaviour below is the same for both.
+
 HTTP
     Sent through ``gateway.upstream.UpstreamPool``, the lean keep-alive client (llhttp via
     httptools). Bodies are streamed in both directions with each hop's back-pressure, so a
