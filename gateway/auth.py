@@ -125,10 +125,13 @@ class Authenticator:
         cached failure: all of that without a query and without awaiting.
         """
         token = bearer_token(authorization)
-        cached = self.cache.get(self.token_format.digest(token))
+        tokens = self.token_format
+        if len(token) != tokens.length:
+            tokens.check(token)  # raises: no digest of arbitrary input
+        cached = self.cache.get(tokens.digest(token))
         if isinstance(cached, Identity):
             return cached  # only a well-formed token was ever cached: its checksum held
-        self.token_format.check(token)
+        tokens.check(token)
         if cached is None:
             return None
         raise cached()

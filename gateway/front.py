@@ -17,6 +17,12 @@ management API, forward-auth, the page), heads over ``MAX_HEAD`` bytes and anyth
 will not parse. A token not in the cache is looked up in a task, then the request goes on
 as above. The connection stays aiohttp's once handed over.
 
+A keep-alive client usually sends the same headers on every request. When the bytes after
+the request line are the previous request's, llhttp still checks the whole head, but what
+depends on the headers alone (their multidict, the client's request id, the cleaned and
+``X-Forwarded-*`` headers for a route) is reused from that request (``_Memo``): a cache of
+pure functions of those bytes, kept per connection, never shared between clients.
+
 What the client gets is what aiohttp's server would send: the same status line, headers
 (``Date``, ``Server``, ``Content-Type`` defaulted as aiohttp does), framing (the upstream's
 ``Content-Length``, else chunked; no body for HEAD, 1xx, 204, 304), the same problem+json

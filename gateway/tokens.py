@@ -64,6 +64,11 @@ class TokenFormat:
     def __repr__(self) -> str:
         return f"TokenFormat(prefix={self.prefix!r}, peppers={len(self._peppers)})"
 
+    @property
+    def length(self) -> int:
+        """The length of every token of this format."""
+        return self._length
+
     def generate(self) -> NewToken:
         body = "".join(secrets.choice(BASE62) for _ in range(BODY_LENGTH))
         plaintext = self.prefix + body + checksum(self.prefix + body)
