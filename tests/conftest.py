@@ -171,6 +171,26 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     await server.close()
 
 
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+StartRaw = Callable[[RawHandler], Awaitable[str]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[StartRaw]:
+    """Start a raw TCP upstream that writes exactly the bytes a test chooses; its URL."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: RawHandler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration and the gateway
 

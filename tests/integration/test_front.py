@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Config
-from tests.conftest import RecordingUpstream, Seeder, gateway_config
+from tests.conftest import RecordingUpstream, Seeder, StartRaw, gateway_config
 from tests.security.rawhttp import RawResponse, build_request, exchange
 from tests.servers import GatewayTestServer
 
@@ -55,9 +55,8 @@ Start = Callable[[bytes], Awaitable[str]]
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[Start]:
+def raw_upstream(raw_server: StartRaw) -> Start:
     """An upstream answering every request with the bytes given; its URL."""
-    servers: list[asyncio.Server] = []
 
     async def start(answer: bytes) -> str:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -70,14 +69,9 @@ async def raw_upstream() -> AsyncIterator[Start]:
                         break
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return await raw_server(handle)
 
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    return start
 
 
 @pytest.fixture

@@ -19,13 +19,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import Config
-from tests.conftest import GatewayFactory, RecordingUpstream, gateway_config
+from tests.conftest import GatewayFactory, RecordingUpstream, StartRaw, gateway_config
 
 MiB = 1024 * 1024
 
 StartApp = Callable[[web.Application], Awaitable[str]]
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-StartRaw = Callable[[RawHandler], Awaitable[str]]
 
 
 @pytest.fixture
@@ -42,22 +40,6 @@ async def serve_app() -> AsyncIterator[StartApp]:
     yield start
     for server in servers:
         await server.close()
-
-
-@pytest.fixture
-async def serve_raw() -> AsyncIterator[StartRaw]:
-    """Start a raw TCP upstream that writes exactly the bytes a test chooses."""
-    servers: list[asyncio.Server] = []
-
-    async def start(handler: RawHandler) -> str:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
 
 
 def one_route(url: str, **fields: Any) -> Config:
@@ -140,7 +122,7 @@ async def test_request_body_is_streamed_to_the_upstream_before_it_ends(
 
 
 async def test_chunked_response_arrives_intact_and_framed_once(
-    make_gateway: GatewayFactory, serve_raw: StartRaw
+    make_gateway: GatewayFactory, raw_server: StartRaw
 ) -> None:
     chunks = [bytes([n]) * (n * 97 + 1) for n in range(40)]
 
@@ -161,7 +143,7 @@ async def test_chunked_response_arrives_intact_and_framed_once(
         await writer.drain()
         writer.close()
 
-    client = await make_gateway(one_route(await serve_raw(chunked)))
+    client = await make_gateway(one_route(await raw_server(chunked)))
 
     response = await client.get("/chunked")
     assert response.status == 200
@@ -310,7 +292,7 @@ async def test_chunked_upload_over_max_body_is_413_and_the_upstream_never_gets_i
 
 @pytest.mark.parametrize("how", ["reset", "close"])
 async def test_upstream_dropping_the_connection_before_answering_is_502(
-    make_gateway: GatewayFactory, serve_raw: StartRaw, how: str
+    make_gateway: GatewayFactory, raw_server: StartRaw, how: str
 ) -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -319,7 +301,7 @@ async def test_upstream_dropping_the_connection_before_answering_is_502(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()
 
-    client = await make_gateway(one_route(await serve_raw(hang_up)))
+    client = await make_gateway(one_route(await raw_server(hang_up)))
 
     response = await client.get("/x")
     assert response.status == 502
@@ -332,7 +314,7 @@ async def test_upstream_dropping_the_connection_before_answering_is_502(
     ids=["content-length", "chunked"],
 )
 async def test_upstream_closing_mid_response_aborts_the_client_response(
-    make_gateway: GatewayFactory, serve_raw: StartRaw, head: bytes
+    make_gateway: GatewayFactory, raw_server: StartRaw, head: bytes
 ) -> None:
     async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -341,7 +323,7 @@ async def test_upstream_closing_mid_response_aborts_the_client_response(
         await writer.drain()
         writer.close()
 
-    client = await make_gateway(one_route(await serve_raw(truncate)))
+    client = await make_gateway(one_route(await raw_server(truncate)))
 
     response = await client.get("/x")
     assert response.status == 200

@@ -151,6 +151,42 @@ def answer(body: bytes = b"", *extra: bytes) -> bytes:
     )
 
 
+def silent(where: str, never: asyncio.Event) -> Callable[[RawUpstream], RawHandler]:
+    """An upstream that goes quiet: before its status line, or five bytes into a body of ten."""
+
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            if where == "mid-body":
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+            await never.wait()
+
+        return handle
+
+    return make
+
+
+def stale_after_first(upstream: RawUpstream) -> RawHandler:
+    """The first connection answers once, then hangs up as the second request arrives on it;
+    later connections answer "retried"."""
+
+    async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await upstream.read_head(r)
+        if index == 0:
+            w.write(answer(b"first"))
+            await upstream.read_head(r)  # then hang up without answering
+        else:
+            w.write(answer(b"retried"))
+
+    return handle
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 async def until(event: asyncio.Event) -> None:
     """Await ``event``; a broken feature fails the test instead of hanging it."""
     async with asyncio.timeout(10):
@@ -440,18 +476,7 @@ async def test_header_with_a_line_break_is_refused_before_sending(
 async def test_upstream_silent_past_read_timeout_is_a_timeout(
     pool: UpstreamPool, serve_raw: StartRaw, where: str
 ) -> None:
-    never = asyncio.Event()
-
-    def make(upstream: RawUpstream) -> RawHandler:
-        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await upstream.read_head(r)
-            if where == "mid-body":
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
-            await never.wait()
-
-        return handle
-
-    upstream = await serve_raw(make)
+    upstream = await serve_raw(silent(where, asyncio.Event()))
     async with asyncio.timeout(5):  # a timer that never fires fails rather than hangs
         if where == "before-status":
             with pytest.raises(UpstreamTimeout):
@@ -467,11 +492,8 @@ async def test_upstream_silent_past_read_timeout_is_a_timeout(
 
 
 async def test_connect_to_a_closed_port_is_unavailable(pool: UpstreamPool) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with pytest.raises(UpstreamUnavailable):
-        await send(pool, f"http://127.0.0.1:{port}")
+        await send(pool, f"http://127.0.0.1:{closed_port()}")
 
 
 @pytest.mark.parametrize(
@@ -566,19 +588,7 @@ async def test_pooled_connection_closed_before_answering(
     pool: UpstreamPool, serve_raw: StartRaw, method: str, retried: bool
 ) -> None:
     """The upstream closes the keep-alive connection as the second request arrives on it."""
-
-    def make(upstream: RawUpstream) -> RawHandler:
-        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await upstream.read_head(r)
-            if index == 0:
-                w.write(answer(b"first"))
-                await upstream.read_head(r)  # then hang up without answering
-            else:
-                w.write(answer(b"retried"))
-
-        return handle
-
-    upstream = await serve_raw(make)
+    upstream = await serve_raw(stale_after_first)
     assert (await fetch(pool, upstream.origin))[1] == b"first"
     if retried:
         response, body = await fetch(pool, upstream.origin, method)
@@ -821,18 +831,7 @@ async def test_send_head_answer_ends_at_its_head(pool: UpstreamPool, serve_raw: 
 async def test_send_retries_a_stale_pooled_connection_only_when_idempotent(
     pool: UpstreamPool, serve_raw: StartRaw, method: str, retried: bool
 ) -> None:
-    def make(upstream: RawUpstream) -> RawHandler:
-        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await upstream.read_head(r)
-            if index == 0:
-                w.write(answer(b"first"))
-                await upstream.read_head(r)  # then hang up without answering
-            else:
-                w.write(answer(b"retried"))
-
-        return handle
-
-    upstream = await serve_raw(make)
+    upstream = await serve_raw(stale_after_first)
     assert b"".join((await relayed(pool, upstream.origin)).chunks) == b"first"
     second = await relayed(pool, upstream.origin, method)
     if retried:
@@ -847,18 +846,7 @@ async def test_send_retries_a_stale_pooled_connection_only_when_idempotent(
 async def test_send_upstream_silence_past_read_timeout_fails(
     pool: UpstreamPool, serve_raw: StartRaw, where: str
 ) -> None:
-    never = asyncio.Event()
-
-    def make(upstream: RawUpstream) -> RawHandler:
-        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await upstream.read_head(r)
-            if where == "mid-body":
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
-            await never.wait()
-
-        return handle
-
-    upstream = await serve_raw(make)
+    upstream = await serve_raw(silent(where, asyncio.Event()))
     recorder = await relayed(pool, upstream.origin, read_timeout=0.2)
     assert isinstance(recorder.error, UpstreamTimeout)
     assert b"".join(recorder.chunks) == (b"01234" if where == "mid-body" else b"")
@@ -866,10 +854,7 @@ async def test_send_upstream_silence_past_read_timeout_fails(
 
 
 async def test_send_to_a_closed_port_fails_unavailable(pool: UpstreamPool) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    recorder = await relayed(pool, f"http://127.0.0.1:{port}")
+    recorder = await relayed(pool, f"http://127.0.0.1:{closed_port()}")
     assert isinstance(recorder.error, UpstreamUnavailable)
 
 
