@@ -65,7 +65,6 @@ from gateway.config import IdentityHeaders, IPNetwork, Route
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import (
     HeaderPolicy,
-    clean_response_headers,
     forwarded_headers,
     is_trusted,
     is_websocket_upgrade,
@@ -220,16 +219,6 @@ class Forwarder:
         _put(items, self.names.request_id, request_id)
         return items
 
-    def _stamp(self, headers: CIMultiDict[str], identity: Identity | None, request_id: str) -> None:
-        if identity is not None and identity.expires_header is not None:
-            headers[TOKEN_EXPIRES_HEADER] = identity.expires_header
-        headers[self.names.request_id] = request_id
-
-    def _decorate(
-        self, response: web.StreamResponse, identity: Identity | None, request_id: str
-    ) -> None:
-        self._stamp(response.headers, identity, request_id)
-
     async def forward(
         self,
         request: web.Request,
@@ -323,7 +312,7 @@ class Forwarder:
             compress=False,
             max_msg_size=MAX_WS_MESSAGE + 1,  # aiohttp refuses a size that reaches it
         )
-        self._decorate(client, identity, request_id)
+        client.headers.extend(self.response_headers([], identity, request_id))
         try:
             await client.prepare(request)
         except BaseException:
@@ -340,12 +329,10 @@ class Forwarder:
         request_id: str,
     ) -> web.Response:
         """The upstream answered the handshake with ``status``: relay it, without a body."""
+        upstream = [] if headers is None else list(headers.items())
+        answer = self.response_headers(upstream, identity, request_id)
         response = web.Response(status=status)
-        if headers is not None:
-            for name, value in clean_response_headers(headers).items():
-                if name.lower() not in _BODY_HEADERS:
-                    response.headers.add(name, value)
-        self._decorate(response, identity, request_id)
+        response.headers.extend(item for item in answer if item[0].lower() not in _BODY_HEADERS)
         return response
 
 
