@@ -103,9 +103,11 @@ async def read_json(request: web.Request, allowed: dict[str, tuple[type, ...]]) 
     """The JSON object of the body, with only ``allowed`` fields of the given types."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise BadRequest(f"the body exceeds {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise BadRequest(f"the body exceeds {MAX_BODY} bytes")
+    raw = bytearray()  # read(n) returns what has arrived: the body may come in pieces
+    while chunk := await request.content.readany():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise BadRequest(f"the body exceeds {MAX_BODY} bytes")
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -4,9 +4,11 @@ the real gateway app, and the proxy routes for "the token works" / "the token is
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -984,3 +986,18 @@ async def test_a_reload_changes_the_roles_the_api_and_the_proxy_use(
 
     assert before["permissions"] == ["jobs:read"]
     assert after["permissions"] == ["invoices:read", "jobs:read"]
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole(start: Any, team: Team) -> None:
+    """Not a seed behaviour, but the API every seed flow goes through."""
+    gateway = await start()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b'{"name": "in'
+        await asyncio.sleep(0.05)  # the handler is reading by now: the rest comes later
+        yield b' pieces"}'
+
+    headers = {**bearer(session_jwt(team.full)), "Content-Type": "application/json"}
+    response = await gateway.client.post(f"{API}/tokens", data=pieces(), headers=headers)
+    assert response.status == 201, await response.text()
+    assert (await response.json())["name"] == "in pieces"
