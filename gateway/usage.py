@@ -51,7 +51,8 @@ class UsageBuffer:
         pending[token_id] = (time.time(), ip or None)
 
     async def flush(self, pool: Any) -> int:
-        """Write everything pending in one statement; on failure keep it for the next try."""
+        """Write everything pending in one statement; on failure (or cancellation) keep it for
+        the next try."""
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
@@ -62,7 +63,7 @@ class UsageBuffer:
             ips.append(ip)
         try:
             await pool.execute(FLUSH_USAGE, ids, times, ips)
-        except store.UNAVAILABLE_ERRORS:
+        except BaseException:  # unavailable, or cancelled at shutdown: the final flush retries
             self._merge_back(batch)
             raise
         self.flushes += 1

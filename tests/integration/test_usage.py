@@ -355,3 +355,33 @@ async def test_last_used_at_never_moves_backwards(
     await use(gateway, token)
     await gateway.app[USAGE].flush(gateway.app[POOL])
     assert (await last_used(db, token_id))[0] == future
+
+
+class HangingPool:
+    """A pool whose execute never returns: the flush is in the middle of its write."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def execute(self, *args: Any) -> None:
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_flush_cancelled_mid_write_keeps_its_batch_for_the_final_flush(
+    gateway: TestClient[Any, Any], seed: Seeder, db: asyncpg.Connection
+) -> None:
+    """At shutdown the periodic flusher is cancelled; what it was writing must not be lost."""
+    _, token, token_id = await seed.user_with_token()
+    buffer = gateway.app[USAGE]
+    await use(gateway, token)
+    hanging = HangingPool()
+    flush = asyncio.create_task(buffer.flush(hanging))
+    async with asyncio.timeout(5):
+        await hanging.entered.wait()
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    assert len(buffer) == 1
+    assert await buffer.flush(gateway.app[POOL]) == 1
+    assert (await last_used(db, token_id))[0] is not None
