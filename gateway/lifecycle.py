@@ -221,6 +221,12 @@ class TokenService:
         assert row is not None
         return Created(row, new.plaintext, tuple(sorted(dropped)))
 
+    async def _claim_slot(self, conn: Any, user_id: str) -> None:
+        """An expired token about to become active again (refresh) or to have an active
+        successor (rotate): lock the owner, as create does, and check the limit."""
+        await store.get_user(conn, user_id, for_update=True)  # serialise with create
+        await self._check_limit(conn, user_id)
+
     async def _check_limit(self, conn: Any, user_id: str) -> None:
         """``tokens.max_active_per_user``: the caller holds the user's row lock."""
         limit = self.policy.max_active_per_user
@@ -285,9 +291,8 @@ class TokenService:
             row = await self._token(conn, token_id, actor)
             if row.revoked_at is not None:
                 raise Conflict("a revoked token cannot be refreshed; create a new one")
-            if token_state(row, self.now()) == "expired":
-                await store.get_user(conn, row.user_id, for_update=True)  # serialise with create
-                await self._check_limit(conn, row.user_id)
+            if token_state(row, self.now()) == "expired":  # becomes active: it needs a slot
+                await self._claim_slot(conn, row.user_id)
             extend = self.policy.refresh_extends
             if self.policy.max_ttl is not None:
                 extend = min(extend, self.policy.max_ttl)
@@ -349,6 +354,8 @@ class TokenService:
             row = await self._token(conn, token_id, actor)
             if row.revoked_at is not None or row.rotated_to is not None:
                 raise Conflict("this token was rotated or revoked meanwhile")
+            if token_state(row, now) == "expired":  # frees no slot for its successor
+                await self._claim_slot(conn, row.user_id)
             await store.insert_token(
                 conn,
                 token_id=successor,

@@ -176,6 +176,21 @@ async def test_an_expired_token_does_not_count_as_active(world_with: Any) -> Non
     assert world.json(second)["state"] == "active"
 
 
+async def test_rotating_an_expired_token_needs_a_free_slot(world_with: Any) -> None:
+    """Its successor is active: like a refresh, it must not give the user a second token."""
+    world = await world_with(max_active_per_user=1)
+    user = await world.user()
+    first = await world.create(user)
+    await world.expire(first)
+    second = await world.create(user)  # the expired one freed the slot
+
+    with pytest.raises(Conflict):
+        await world.service.rotate(OPERATOR, str(first.id))
+
+    active = await world.service.list(OPERATOR, user_id=user, state="active")
+    assert [t.id for t in active] == [second.id]
+
+
 # ---------------------------------------------------------------------------------------------
 # Expiry policy
 
