@@ -282,7 +282,8 @@ UPDATE tokens SET revoked_at = now(), revoked_reason = $2
 WHERE id IN (SELECT id FROM chain) AND (revoked_at IS NULL OR revoked_at > now())
 RETURNING id"""
 SELECT_TOKEN_IDS_BY_HASH = "SELECT id FROM tokens WHERE hash = ANY($1::bytea[])"
-SELECT_USER_TOKEN_IDS = "SELECT id FROM tokens WHERE user_id = $1 AND revoked_at IS NULL"
+SELECT_USER_TOKEN_IDS = """
+SELECT id FROM tokens WHERE user_id = $1 AND (revoked_at IS NULL OR revoked_at > now())"""
 
 
 async def insert_token(

@@ -605,6 +605,21 @@ async def test_downgrade_revokes_tokens_when_configured(world: World) -> None:
     ]
 
 
+async def test_a_role_change_reaches_a_rotated_token_still_in_its_grace(world_with: Any) -> None:
+    """Its old secret still authenticates until the grace ends: caches must forget it too."""
+    world = await world_with(rotation_grace="1h")
+    user = await world.user("admin")
+    old = await world.create(user)
+    await world.service.rotate(OPERATOR, str(old.id))
+
+    await world.service.set_role(OPERATOR, user, "full_user")
+
+    row = await world.get(old)
+    assert row.revoked_at is not None
+    assert row.revoked_at > world.clock.now  # still authenticates: rotation_grace
+    assert "owner_role_changed" in [e.event for e in await world.events(old)]
+
+
 async def test_a_role_change_that_keeps_tokens_create_revokes_nothing(world: World) -> None:
     user = await world.user("admin")
     token = await world.create(user)
