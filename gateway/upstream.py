@@ -118,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self.has_length = self.chunked = self.conn_close = False  # what frames the answer
         self.headers_done = self.interim = self.complete = self.keep_alive = False
+        self.stray = False  # a second answer arrived: the connection is not reused
         self.error: Exception | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -177,8 +178,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.headers_done:  # a second answer to one request: do not trust this connection
-            self.keep_alive = False
+        if self.headers_done:  # a second answer to one request: ignored, and so is this
+            self.stray = True  # connection from now on
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason  # llhttp may deliver it in pieces
@@ -198,6 +199,8 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)))
 
     def on_headers_complete(self) -> None:
+        if self.stray:
+            return
         parser = self.parser
         status = parser.get_status_code()
         if status < 200:
@@ -227,7 +230,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.is_head:
+        if self.is_head or self.stray:
             return
         if self.exchange is not None:
             self.exchange.relay.upstream_body(body)
@@ -239,6 +242,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.stray:
+            return
         if self.interim:
             self.interim = False
             return
@@ -456,6 +461,7 @@ class Exchange:
         "ended",
         "head",
         "is_head",
+        "paused",
         "pool",
         "read_timeout",
         "relay",
@@ -486,6 +492,7 @@ class Exchange:
         self.connecting: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.ended = False
+        self.paused = False  # the relay asked not to read: applies to every connection used
 
     def start(self, conn: _Connection) -> None:
         self.conn = conn
@@ -493,6 +500,8 @@ class Exchange:
         conn.start(self.head, self.is_head, self.read_timeout)
         conn.last_read = conn.loop.time()
         self.timer = conn.loop.call_later(self.read_timeout, self._expired)
+        if self.paused:
+            self.pause_reading()
 
     def connect(self) -> None:
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
@@ -564,11 +573,13 @@ class Exchange:
 
     def pause_reading(self) -> None:
         """The relay's client is not keeping up: stop reading the answer."""
+        self.paused = True
         conn = self.conn
         if conn is not None and not self.ended and not conn.reading_paused and not conn.lost:
             conn._hold()
 
     def resume_reading(self) -> None:
+        self.paused = False
         conn = self.conn
         if conn is not None and not self.ended and conn.reading_paused and not conn.lost:
             conn.reading_paused = False
@@ -706,6 +717,7 @@ class UpstreamPool:
             and conn.keep_alive
             and conn.reusable
             and conn.error is None
+            and not conn.stray
             and not conn.lost
             and not self._closed
         ):

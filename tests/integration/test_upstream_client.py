@@ -897,3 +897,71 @@ async def test_send_cancelled_closes_the_upstream_connection(
     exchange.cancel()
     await until(eof)
     assert not recorder.ended.is_set()  # a cancelled exchange reports nothing
+
+
+def two_answers_at_once(upstream: RawUpstream) -> RawHandler:
+    """Answers the first request twice, in one write; any later connection answers "next"."""
+
+    async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await upstream.read_head(r)
+        if index == 0:
+            w.write(answer(b"hi") + b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nevil")
+            await upstream.read_head(r)
+        else:
+            w.write(answer(b"next"))
+            await upstream.read_head(r)
+
+    return handle
+
+
+async def test_a_second_answer_to_one_request_is_dropped_with_its_connection(
+    pool: UpstreamPool, serve_raw: StartRaw
+) -> None:
+    upstream = await serve_raw(two_answers_at_once)
+    response, body = await fetch(pool, upstream.origin)
+    assert (response.status, body) == (200, b"hi")
+    response, body = await fetch(pool, upstream.origin)
+    assert (response.status, body) == (200, b"next")  # not the stray 404
+    assert upstream.connections == 2
+
+
+async def test_send_drops_a_second_answer_with_its_connection(
+    pool: UpstreamPool, serve_raw: StartRaw
+) -> None:
+    upstream = await serve_raw(two_answers_at_once)
+    first = await relayed(pool, upstream.origin)
+    assert (first.status, b"".join(first.chunks), first.error) == (200, b"hi", None)
+    second = await relayed(pool, upstream.origin)
+    assert (second.status, b"".join(second.chunks)) == (200, b"next")
+    assert upstream.connections == 2
+
+
+async def test_send_paused_before_it_connects_stays_paused_once_connected(
+    pool: UpstreamPool, serve_raw: StartRaw
+) -> None:
+    """The client stopped reading before the upstream connection existed: no answer bytes
+    may be read from it until the client drains."""
+    arrived = asyncio.Event()
+
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            w.write(answer(b"later"))
+            await w.drain()
+            arrived.set()
+            await upstream.read_head(r)
+
+        return handle
+
+    upstream = await serve_raw(make)
+    recorder = Recorder()
+    exchange = pool.send(
+        upstream.origin, "GET", "/", [], recorder, connect_timeout=5.0, read_timeout=10.0
+    )
+    exchange.pause_reading()  # no connection yet: the pool had none idle
+    await until(arrived)
+    assert exchange.conn is not None
+    assert exchange.conn.reading_paused
+    exchange.resume_reading()
+    await until(recorder.ended)
+    assert b"".join(recorder.chunks) == b"later"
