@@ -315,15 +315,10 @@ class FrontProtocol(asyncio.Protocol):
                 self.hand_off()
             return False
         end += 4
-        if end > MAX_HEAD or self.closing:
-            if self.closing:  # stopping: a pipelined request is not started
-                self.transport.close()
-            else:
-                self.hand_off()
+        if end > MAX_HEAD:
+            self.hand_off()
             return False
-        # A keep-alive client usually repeats its headers: when the bytes after the request
-        # line are the previous request's, llhttp still checks the whole head, but the
-        # header callbacks and what is computed from the headers alone are skipped.
+        # The bytes after the request line: the previous request's? (see _Memo)
         block = buffer[buffer.find(b"\r\n") : end]
         memo = self._memo
         if memo is not None and block == memo.block:
@@ -376,7 +371,7 @@ class FrontProtocol(asyncio.Protocol):
             and not self._odd
             and len(self._headers) <= MAX_HEADERS
             and parser.get_http_version() == "1.1"
-            and any(len(name) == 4 and name.lower() == "host" for name, _ in self._headers)
+            and b"host" in self._singletons  # on_header noted it
         )
 
     def hand_off(self) -> None:
@@ -389,6 +384,8 @@ class FrontProtocol(asyncio.Protocol):
         handler.connection_made(transport)
         if self.reading_paused:
             transport.resume_reading()
+        if self.write_paused:
+            handler.pause_writing()
         buffer, self.buffer = self.buffer, b""
         if buffer:
             handler.data_received(buffer)
@@ -424,16 +421,6 @@ class FrontProtocol(asyncio.Protocol):
         """A token the cache does not know: the database answers, then on as usual."""
         try:
             identity = await self.gate.admit(request, rt, route)
-        except PatgateError as error:
-            self.task = None
-            self.refuse(error)
-            return
-        except Exception:
-            self.task = None
-            self.fault()
-            return
-        self.task = None
-        try:
             self.forward(route, path, query, identity, memo)
         except PatgateError as error:
             self.refuse(error)
