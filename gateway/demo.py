@@ -152,13 +152,20 @@ Without a token (401):
     )
 
 
-async def _main(cfg: Config, database_url: str, upstream_port: int) -> None:
+async def _main(
+    cfg: Config, database_url: str, upstream_port: int, config_path: str | None
+) -> None:
     runner = web.AppRunner(echo_app(), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
         tokens = await _seed(cfg, database_url)
-        await serve(cfg, database_url, started=lambda url, _: _show(url, tokens, ui_link(cfg, url)))
+        await serve(
+            cfg,
+            database_url,
+            config_path=config_path,  # SIGHUP reloads the file the demo started with
+            started=lambda url, _: _show(url, tokens, ui_link(cfg, url)),
+        )
     finally:
         await runner.cleanup()
 
@@ -177,6 +184,6 @@ def run(config_path: str | None) -> None:
         print(f"patgate demo: embedded PostgreSQL in {folder} (development only)", file=sys.stderr)
         database = embedded.start(folder, delete_on_stop=True)
         try:
-            run_async(_main(cfg, database.url, upstream_port))
+            run_async(_main(cfg, database.url, upstream_port, config_path))
         finally:
             database.stop()
