@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Collection
 import asyncpg
 from aiohttp import web
 
-from gateway import store, usage
+from gateway import logs, store, usage
 from gateway.admin import create_admin_app
 from gateway.assertion import AssertionSigner
 from gateway.auth import Authenticator
@@ -161,13 +161,16 @@ def create_app(cfg: Config, database_url: str) -> web.Application:
 def reload(app: web.Application, cfg: Config) -> list[str]:
     """Swap in a validated new config's routes, roles and header names, all at once.
 
-    Everything is built first; the swap itself has no await, so each request sees the old
+    Everything is built first (a key file that no longer reads raises ``ConfigError`` and
+    changes nothing); the swap itself has no await, so each request sees the old
     runtime or the new one, never a mix. Identities computed under the old roles are
     dropped. Returns the changed keys that only a restart applies (they are left as is).
     """
     live = app[LIVE]
     old = live.runtime.cfg
     runtime = Runtime.of(cfg)
+    assertion = cfg.identity_headers.assertion  # its keys are read again: ConfigError here
+    signer = AssertionSigner(assertion) if assertion is not None else None
     restart_only = sorted(
         name
         for name in type(cfg).__dataclass_fields__
@@ -177,10 +180,13 @@ def reload(app: web.Application, cfg: Config) -> list[str]:
     live.runtime = runtime
     if FORWARDER in app:
         app[FORWARDER].configure(cfg.identity_headers, cfg.trusted_proxies)
+        app[FORWARDER].signer = signer
+    app[GATE].signer = signer  # SIGNER keeps the one made at start, as CONFIG its config
     if AUTHENTICATOR in app:
         app[AUTHENTICATOR].roles = cfg.roles
     if MANAGEMENT in app:
         app[MANAGEMENT].reconfigure(cfg)
     app[CACHE].clear()
-    logging.getLogger().setLevel(cfg.logging.level.upper())
+    app[TELEMETRY].access_log_enabled = cfg.logging.access_log
+    logs.set_level(cfg.logging.level)
     return restart_only

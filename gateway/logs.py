@@ -32,12 +32,17 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    logging.getLogger().handlers[:] = [handler]
+    set_level(level)
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def set_level(level: str) -> None:
+    """The configured level, unless ``PATGATE_LOG_LEVEL`` overrides it (at start and reload)."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     wanted = os.environ.get(LEVEL_ENV) or level
     try:
         root.setLevel(wanted.upper())
     except ValueError:
         root.setLevel(level.upper())
         logging.getLogger("patgate").warning("ignoring %s=%r: not a log level", LEVEL_ENV, wanted)
-    logging.getLogger("aiohttp.access").disabled = True

@@ -64,12 +64,12 @@ def try_reload(app: web.Application, config_path: str | None) -> bool:
     telemetry = app[TELEMETRY]
     try:
         cfg = load_config(config_path)
+        restart_only = reload(app, cfg)
     except ConfigError as error:
         for line in error.errors:
             log.error("reload refused", extra={"fields": {"error": line}})
         telemetry.reload(ok=False)
         return False
-    restart_only = reload(app, cfg)
     if restart_only:
         log.warning("reloaded; these keys change only with a restart: %s", ", ".join(restart_only))
     else:

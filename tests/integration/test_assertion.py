@@ -10,11 +10,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.app import reload
 from gateway.assertion import AssertionSigner
 from gateway.auth import Identity
 from gateway.config import Assertion, Config
 from gateway.errors import ConfigError
 from gateway.headers import HeaderPolicy, clean_request_headers
+from gateway.keys import LIVE
 from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, gateway_config
 
 JWKS = "/_patgate/.well-known/jwks.json"
@@ -155,3 +157,35 @@ async def test_proxied_requests_carry_an_assertion_for_their_route(
     public = await client.get("/public/page")
     assert public.status == 200
     assert upstream.last.header("X-Auth-Assertion") is None  # no identity, no assertion
+
+
+async def test_a_reload_renaming_the_assertion_header_signs_under_the_new_name(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, seed: Seeder, keys: list[str]
+) -> None:
+    """The new name is stripped from clients from the reload on: the signer must use it too,
+    or clients could send their own assertion under it."""
+    _, token, _ = await seed.user_with_token("full_user")
+    client = await make_gateway(signing_config(upstream, keys))
+
+    reload(client.app, signing_config(upstream, keys, header="X-Auth-Signed"))
+    response = await client.get(
+        "/api/jobs/1", headers={"Authorization": f"Bearer {token}", "X-Auth-Signed": "forged"}
+    )
+
+    assert response.status == 200
+    [assertion] = upstream.last.all("X-Auth-Signed")
+    assert assertion != "forged"
+    assert jwt.get_unverified_header(assertion)["alg"] == "ES256"
+    assert upstream.last.all("X-Auth-Assertion") == []
+
+
+async def test_a_reload_whose_key_file_is_gone_changes_nothing(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, keys: list[str], tmp_path: Path
+) -> None:
+    client = await make_gateway(signing_config(upstream, keys))
+    before = client.app[LIVE].runtime
+
+    with pytest.raises(ConfigError):
+        reload(client.app, signing_config(upstream, [str(tmp_path / "gone.pem")]))
+
+    assert client.app[LIVE].runtime is before
