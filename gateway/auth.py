@@ -154,22 +154,27 @@ class Authenticator:
         raise loaded()
 
     async def _load(self, key: bytes, digests: tuple[bytes, ...]) -> Identity | Failure:
+        since = self.cache.generation  # an invalidation during the query: do not keep it
         try:
             row = await store.find_token_by_digest(self.pool, digests)
         except store.UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailable() from exc
         now = self.now()
         failure = failure_of(row, now)
-        if row is None:
-            self.cache.put_negative(key, UnknownToken)
-            return UnknownToken
-        if failure is not None:
-            self.cache.put_negative(key, failure, token_id=str(row.id))
+        if row is None or failure is not None:
+            token_id = str(row.id) if row is not None else None
+            failure = failure or UnknownToken
+            self.cache.put_negative(key, failure, token_id=token_id, since=since)
             return failure
         identity = identity_of(row, self.roles)
         ends = [t for t in (row.expires_at, row.revoked_at) if t is not None]
         lifetime = (min(ends) - now).total_seconds() if ends else None
         self.cache.put(
-            key, identity, token_id=identity.token_id, user_id=row.user_id, lifetime=lifetime
+            key,
+            identity,
+            token_id=identity.token_id,
+            user_id=row.user_id,
+            lifetime=lifetime,
+            since=since,
         )
         return identity

@@ -60,6 +60,10 @@ class IdentityCache(Generic[V, N]):
         self._by_user: dict[str, set[bytes]] = {}
         self._negative_by_token: dict[str, bytes] = {}
         self._inflight: dict[bytes, asyncio.Future[V | N]] = {}
+        # Bumped by every invalidation: a load that read the database before one arrived
+        # passes the value it saw as ``since`` and its result is not kept (it may be the
+        # very row the invalidation was about, read just before the change committed).
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._positive)
@@ -90,9 +94,19 @@ class IdentityCache(Generic[V, N]):
         return entry[2]
 
     def put(
-        self, key: bytes, value: V, *, token_id: str, user_id: str, lifetime: float | None = None
+        self,
+        key: bytes,
+        value: V,
+        *,
+        token_id: str,
+        user_id: str,
+        lifetime: float | None = None,
+        since: int | None = None,
     ) -> None:
-        """Remember ``value``; ``lifetime`` (seconds until the token expires) caps the ttl."""
+        """Remember ``value``; ``lifetime`` (seconds until the token expires) caps the ttl;
+        ``since``: the ``generation`` when the value was read (see there)."""
+        if since is not None and since != self.generation:
+            return
         ttl = self.ttl if lifetime is None else min(self.ttl, lifetime)
         stale = self.ttl + self.stale_if_error
         stale = stale if lifetime is None else min(stale, lifetime)
@@ -108,10 +122,12 @@ class IdentityCache(Generic[V, N]):
         self._by_token[token_id] = key
         self._by_user.setdefault(user_id, set()).add(key)
 
-    def put_negative(self, key: bytes, failure: N, *, token_id: str | None = None) -> None:
+    def put_negative(
+        self, key: bytes, failure: N, *, token_id: str | None = None, since: int | None = None
+    ) -> None:
         """Remember a failure; ``token_id`` (a stored but unusable token) lets a refresh or
-        reactivation forget it early."""
-        if self.negative_ttl <= 0:
+        reactivation forget it early; ``since`` as for ``put``."""
+        if self.negative_ttl <= 0 or (since is not None and since != self.generation):
             return
         self._drop_negative(key)
         if len(self._negative) >= self.negative_max_entries:
@@ -142,6 +158,7 @@ class IdentityCache(Generic[V, N]):
         return await asyncio.shield(pending)
 
     def drop_token(self, token_id: str) -> None:
+        self.generation += 1
         key = self._by_token.get(token_id)
         if key is not None:
             self._drop(key)
@@ -150,10 +167,12 @@ class IdentityCache(Generic[V, N]):
             self._drop_negative(negative)
 
     def drop_user(self, user_id: str) -> None:
+        self.generation += 1
         for key in list(self._by_user.get(user_id, ())):
             self._drop(key)
 
     def clear(self) -> None:
+        self.generation += 1
         self._positive.clear()
         self._negative.clear()
         self._by_token.clear()

@@ -48,9 +48,11 @@ class HeldPool(CountingPool):
     def __init__(self, pool: Any) -> None:
         super().__init__(pool)
         self.release = asyncio.Event()
+        self.entered = asyncio.Event()
 
     async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
         self.queries += 1
+        self.entered.set()
         await self.release.wait()
         return await self.pool.fetchrow(*args, **kwargs)
 
@@ -325,3 +327,25 @@ async def test_stale_if_error_serves_a_cached_identity_past_its_ttl_only_while_t
         "/api/jobs/3",
         "/api/jobs/3",
     ]
+
+
+async def test_a_revocation_notice_during_the_lookup_keeps_the_result_out_of_the_cache(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, seed: Seeder
+) -> None:
+    """The lookup read the row before the revocation committed; its notice arrived before
+    the lookup finished. The next request must ask PostgreSQL again."""
+    _, token, token_id = await seed.user_with_token("full_user")
+    client = await make_gateway(gateway_config(upstream.url))
+    cache = client.app[CACHE]
+    authenticator = client.app[AUTHENTICATOR]
+    lookups = HeldPool(authenticator.pool)
+    authenticator.pool = lookups
+
+    first = asyncio.ensure_future(client.get("/api/jobs/1", headers=bearer(token)))
+    async with asyncio.timeout(10):
+        await lookups.entered.wait()  # the query is under way
+    cache.drop_token(token_id)  # what the listener does with the notice
+    lookups.release.set()
+    assert (await first).status == 200  # valid when it was read
+    assert (await client.get("/api/jobs/1", headers=bearer(token))).status == 200
+    assert lookups.queries == 2

@@ -427,3 +427,28 @@ async def test_a_cancelled_leader_does_not_cancel_the_other_waiters(cache: Cache
     results = await asyncio.gather(*tasks, return_exceptions=True)
 
     assert results[1:] == ["alice", "alice"]
+
+
+# ---------------------------------------------------------------------------------------------
+# An invalidation that overtakes a load
+
+
+@pytest.mark.parametrize("invalidate", ["drop_token", "clear"])
+def test_a_value_read_before_an_invalidation_is_not_kept(cache: Cache, invalidate: str) -> None:
+    """The load read the row, then the revocation's notice arrived (finding nothing to
+    drop), then the load finished: caching it would serve the revoked token for a ttl."""
+    since = cache.generation  # the load starts its query
+    if invalidate == "drop_token":
+        cache.drop_token("t-1")
+    else:
+        cache.clear()
+    cache.put(key(1), "identity", token_id="t-1", user_id="u-1", since=since)
+    cache.put_negative(key(2), "revoked", token_id="t-2", since=since)
+    assert cache.get(key(1)) is None
+    assert cache.get(key(2)) is None
+
+
+def test_a_value_read_with_no_invalidation_meanwhile_is_kept(cache: Cache) -> None:
+    since = cache.generation
+    cache.put(key(1), "identity", token_id="t-1", user_id="u-1", since=since)
+    assert cache.get(key(1)) == "identity"
