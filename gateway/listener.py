@@ -62,35 +62,50 @@ class InvalidationListener:
         self._lost.set()
 
     async def run(self) -> None:
-        """Listen forever, reconnecting with backoff; cancel to stop."""
+        """Listen forever, reconnecting with backoff; cancel to stop.
+
+        Any failure to connect or to keep listening (PostgreSQL down, but also a refused
+        password or too many connections) is logged and retried: without this task, other
+        replicas' revocations would stop reaching the cache. Once listening again after any
+        failure (a first connection that failed included), the cache is cleared: what was
+        cached meanwhile may have missed notices.
+        """
         backoff = BACKOFF_START
         first = True
+        missed = False  # the gateway has run without listening
         while True:
             try:
                 conn = await asyncpg.connect(self.database_url, timeout=5)
-            except store.UNAVAILABLE_ERRORS as exc:
+            except Exception as exc:
                 log.warning("invalidation listener cannot connect (%s); retrying", exc)
+                missed = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
+            started = asyncio.get_running_loop().time()
             try:
                 self._lost.clear()
                 conn.add_termination_listener(self._terminated)
                 await conn.add_listener(store.INVALIDATION_CHANNEL, self._notice)
+                if missed:
+                    self.clear()
+                    log.warning("invalidation listener connected after a failure; cache cleared")
                 if not first:
                     self.reconnects += 1
-                    self.clear()  # notices may have been missed while disconnected
-                    log.warning("invalidation listener reconnected; cache cleared")
                 first = False
-                backoff = BACKOFF_START
+                missed = True  # from here on, a lost connection means missed notices
                 self.connected.set()
                 await self._watch(conn)
-            except store.UNAVAILABLE_ERRORS as exc:
+            except Exception as exc:
                 log.warning("invalidation listener lost its connection: %s", exc)
             finally:
                 self.connected.clear()
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=1)
+            if asyncio.get_running_loop().time() - started > BACKOFF_MAX:
+                backoff = BACKOFF_START  # it had been up a while: not a flapping connection
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Until the connection dies: asyncpg tells us on termination, and a periodic

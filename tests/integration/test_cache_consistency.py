@@ -5,6 +5,8 @@ against good tokens, NOTIFY-driven invalidation with a reconnecting listener, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +20,7 @@ from gateway.app import AUTHENTICATOR, CACHE, LISTENER
 from gateway.auth import Identity
 from gateway.errors import UnknownToken
 from gateway.lifecycle import OPERATOR
+from gateway.listener import InvalidationListener
 from gateway.tokens import TokenFormat
 from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, gateway_config
 from tests.integration.test_request_path import CountingPool, bearer, count_queries, problem
@@ -349,3 +352,37 @@ async def test_a_revocation_notice_during_the_lookup_keeps_the_result_out_of_the
     assert (await first).status == 200  # valid when it was read
     assert (await client.get("/api/jobs/1", headers=bearer(token))).status == 200
     assert lookups.queries == 2
+
+
+async def test_the_listener_outlives_errors_other_than_an_outage(database_url: str) -> None:
+    """A missing database (or a refused password, too many connections) is a PostgresError
+    outside the outage family: logged and retried, never the end of the listener."""
+    attempts = 0
+    retried = asyncio.Event()
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            nonlocal attempts
+            if "cannot connect" in record.getMessage():
+                attempts += 1
+                if attempts == 2:
+                    retried.set()
+
+    scheme, _, rest = database_url.partition("://")
+    base, _, query = rest.partition("?")
+    missing = f"{scheme}://{base.rsplit('/', 1)[0]}/patgate_no_such_db" + (
+        f"?{query}" if query else ""
+    )
+    listener = InvalidationListener(missing, drop_token=lambda _: None, clear=lambda: None)
+    handler = Count()
+    logging.getLogger("patgate").addHandler(handler)
+    task = asyncio.create_task(listener.run())
+    try:
+        async with asyncio.timeout(10):
+            await retried.wait()
+        assert not task.done()
+    finally:
+        logging.getLogger("patgate").removeHandler(handler)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
