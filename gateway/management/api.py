@@ -35,7 +35,7 @@ from gateway.errors import (
     TooManyRequests,
     problem_response,
 )
-from gateway.headers import HeaderPolicy, request_client_ip
+from gateway.headers import HeaderPolicy, forwarded_headers, is_trusted, request_client_ip
 from gateway.lifecycle import (
     TOKEN_MANAGING_PERMISSIONS,
     UNSET,
@@ -208,8 +208,21 @@ class ManagementApi:
         """A cookie rides along on cross-site requests: changes need proof of same origin."""
         if request.method in SAFE_METHODS:
             return
+        # Behind a TLS-terminating proxy the browser's origin is https://<its host>: the
+        # origin this listener serves is what a trusted proxy says it is, as upstreams see.
+        peer = request.remote or ""
+        seen = dict(
+            forwarded_headers(
+                request.headers,
+                peer=peer,
+                proto=request.scheme,
+                host=request.host,
+                trusted_peer=is_trusted(peer, self.cfg.trusted_proxies),
+            )
+        )
+        served = f"{seen['X-Forwarded-Proto']}://{seen['X-Forwarded-Host']}"
         origin = request.headers.get("Origin")
-        if origin is None or origin != f"{request.scheme}://{request.host}":
+        if origin is None or origin != served:
             raise Forbidden("cross-site request refused (Origin)")
         if request.headers.get(CSRF_HEADER) != "1":
             raise Forbidden(f"cross-site request refused ({CSRF_HEADER} header missing)")

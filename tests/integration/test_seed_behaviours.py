@@ -940,6 +940,23 @@ async def test_cookie_session_needs_csrf_for_changes(start: Any, team: Team) -> 
     assert (await gw.token(team.full, token_id))["state"] == "active"
 
 
+@pytest.mark.parametrize(("trusted", "status"), [(True, 201), (False, 403)])
+async def test_cookie_session_behind_a_tls_proxy_checks_the_origin_the_proxy_serves(
+    start: Any, team: Team, trusted: bool, status: int
+) -> None:
+    """The browser is on https://gw.example; the proxy speaks plain HTTP to patgate."""
+    gw = await start(trusted_proxies=["127.0.0.1/32"] if trusted else [])
+    headers = {
+        "Cookie": f"patgate_session={session_jwt(team.full)}",
+        "Origin": "https://gw.example",
+        "X-Patgate-Csrf": "1",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "gw.example",
+    }
+    created = await gw.client.post(f"{API}/tokens", json={"name": "x"}, headers=headers)
+    assert created.status == status
+
+
 async def test_token_created_through_api_works_at_once_and_delete_refuses_at_once(
     start: Any, team: Team, upstream: RecordingUpstream
 ) -> None:
