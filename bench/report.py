@@ -305,7 +305,8 @@ class Report:
         bars = axes.barh(positions, values, color=colours)
         axes.set_yticks(positions, labels)
         axes.invert_yaxis()
-        axes.set_xlabel("requests/s (wrk, 1 thread, 50 connections)")
+        connections = self.settings.get("connections", "?")
+        axes.set_xlabel(f"requests/s (wrk, 1 thread, {connections} connections)")
         nginx = self.nginx_rps
         if nginx:
             axes.axvline(nginx, color="#333333", linestyle="--", linewidth=1, label="nginx")
