@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.system import BenchError
@@ -59,23 +59,39 @@ class Service:
             return ""
 
     def wait_for(self, pattern: str, *, count: int = 1, timeout: float = START_TIMEOUT) -> str:
-        """Wait until ``pattern`` appears ``count`` times in the output; the output then."""
+        """Wait until ``pattern`` appears ``count`` times in the output; the output then.
+
+        Not ready in time, or interrupted meanwhile: the process is stopped (the caller has
+        not registered it for cleanup yet).
+        """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.output()
-            if len(regex.findall(text)) >= count:
-                return text
-            if self.process.poll() is not None:
-                raise BenchError(f"{self.name} exited ({self.process.returncode}): {tail(text)}")
-            time.sleep(0.05)
-        raise BenchError(f"{self.name} did not get ready in {timeout:.0f} s: {tail(self.output())}")
+        with self.stopped_on_failure():
+            while time.monotonic() < deadline:
+                text = self.output()
+                if len(regex.findall(text)) >= count:
+                    return text
+                if self.process.poll() is not None:
+                    raise BenchError(
+                        f"{self.name} exited ({self.process.returncode}): {tail(text)}"
+                    )
+                time.sleep(0.05)
+            raise BenchError(
+                f"{self.name} did not get ready in {timeout:.0f} s: {tail(self.output())}"
+            )
+
+    @contextlib.contextmanager
+    def stopped_on_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to its process group if it does not exit in time."""
         if self.stopped:
             return
-        self.stopped = True
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
@@ -86,18 +102,20 @@ class Service:
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
+        self.stopped = True  # only now: an interrupted stop() is done again by the next caller
 
 
 def wait_for_port(port: int, service: Service, *, timeout: float = START_TIMEOUT) -> None:
     """For servers that print nothing when ready (nginx): connect until one succeeds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise BenchError(f"{service.name} exited: {tail(service.output())}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise BenchError(f"{service.name} is not listening on {port} after {timeout:.0f} s")
+    with service.stopped_on_failure():
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise BenchError(f"{service.name} exited: {tail(service.output())}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                return
+            time.sleep(0.05)
+        raise BenchError(f"{service.name} is not listening on {port} after {timeout:.0f} s")
 
 
 def tail(text: str, lines: int = 15) -> str:
