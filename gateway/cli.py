@@ -319,7 +319,7 @@ def _database_url(cfg: Config, args: argparse.Namespace) -> tuple[str, bool]:
     """The URL to use, and whether it is the embedded (auto-migrated) development server."""
     if cfg.database.url:
         return cfg.database.url, False
-    return embedded.database_url("", cfg.database.data_dir, quiet=args.json), True
+    return embedded.database_url(cfg.database.data_dir, quiet=args.json), True
 
 
 async def _run_command(args: argparse.Namespace, cfg: Config) -> None:

@@ -59,10 +59,8 @@ def start(data_dir: str | Path, *, delete_on_stop: bool = False) -> EmbeddedPost
     return EmbeddedPostgres(server, root)
 
 
-def database_url(configured: str, data_dir: str, *, quiet: bool = False) -> str:
-    """The configured URL, or the embedded server's (started on demand, with a notice)."""
-    if configured:
-        return configured
+def database_url(data_dir: str, *, quiet: bool = False) -> str:
+    """The embedded server's URL, started on demand, with its development-only notice."""
     if not quiet:
         print(NOTICE.format(path=data_dir), file=sys.stderr)
     return start(data_dir).url

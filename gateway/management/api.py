@@ -44,7 +44,7 @@ from gateway.lifecycle import (
     Expiry,
     TokenService,
 )
-from gateway.management.openapi import openapi_document
+from gateway.management.openapi import MAX_LEAKED_TOKENS, openapi_document
 from gateway.management.sessions import InvalidSession, SessionVerifier
 from gateway.policy import allows
 from gateway.views import event_json, user_json
@@ -55,7 +55,6 @@ PREFIX = "/_patgate/api/v1"
 MAX_BODY = 64 * 1024
 CSRF_HEADER = "X-Patgate-Csrf"
 LEAK_REPORTS_PER_MINUTE = 10
-MAX_LEAKED_TOKENS = 100
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 Handler = Callable[["Call"], Awaitable[web.StreamResponse]]

@@ -17,7 +17,7 @@ from gateway.views import TOKEN_STATES
 
 Schema = dict[str, Any]
 
-MAX_LEAKED_TOKENS = 100  # api.MAX_LEAKED_TOKENS (api imports this module; the test compares)
+MAX_LEAKED_TOKENS = 100  # the most tokens one leak report may list (the API enforces it)
 REVOKED_REASONS = ("user", "admin", "owner_deactivated", "owner_downgraded", "rotated", "leaked")
 
 # Problem responses: status → (component name, description, headers always sent).

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +31,6 @@ LEEWAY = 30.0  # seconds of clock skew tolerated on exp, nbf and iat
 MIN_HS256_SECRET_BYTES = 32  # RFC 7518 §3.2: a key at least as long as the hash output
 
 _JWKS_KEY = "management.sessions.jwks_file"
-_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _WHY: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
     (jwt.InvalidSignatureError, "bad signature"),  # before DecodeError, its base class
     (jwt.InvalidAudienceError, "wrong audience"),
@@ -59,11 +57,6 @@ class InvalidSession(AuthError):
     def __init__(self, why: str = "invalid") -> None:
         super().__init__("The session is invalid or expired.")
         self.why = why  # for logs only; never contains token material
-
-
-def looks_like_jwt(value: str) -> bool:
-    """Three base64url segments separated by dots: a JWT, not a PAT (cheap, no decoding)."""
-    return _JWT.fullmatch(value) is not None
 
 
 def _load_jwks(path: str) -> dict[str | None, jwt.PyJWK]:
