@@ -362,9 +362,12 @@ _header = _text("an HTTP header name like X-Auth-User-Id", _TOKEN)
 _permission = _text('a permission like "jobs:read", "jobs:*" or "*"', _PERMISSION)
 _method = _text("an HTTP method like GET", _TOKEN, then=str.upper)
 _header_value = _text("a string without CR, LF or NUL", r"[^\r\n\x00]*")
+# A name (a trailing dot allowed) or a bracketed IPv6 address: requests are matched by their
+# Host without its port, so a port or a wildcard here would make a route that never matches.
 _host = _text(
-    "a host like api.example.com",
-    r"[A-Za-z0-9_*.\[\]:-]+",
+    "a host name like api.example.com (no port, no wildcard)",
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?"
+    r"|\[[0-9A-Fa-f:.]{2,45}\]",
     then=lambda h: h.lower().removesuffix("."),
 )
 

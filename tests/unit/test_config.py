@@ -285,6 +285,14 @@ def test_invalid_permissions(permission: object) -> None:
         ({"connect_timeout": -1}, "routes[0].connect_timeout: must be greater than 0"),
         ({"websocket": "no"}, 'routes[0].websocket: expected a boolean, got "no"'),
         (
+            {"match": {"prefix": "/", "host": "api.example.com:8080"}},
+            "routes[0].match.host: expected a host",
+        ),
+        (
+            {"match": {"prefix": "/", "host": "*.example.com"}},
+            "routes[0].match.host: expected a host",
+        ),
+        (
             {"set_request_headers": {"Connection": "x"}},
             "routes[0].set_request_headers.Connection: cannot",
         ),
