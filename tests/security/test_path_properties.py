@@ -257,7 +257,9 @@ async def test_the_forwarded_path_is_the_canonical_path_or_the_request_is_refuse
     if reads_as_admin(canonical) or is_under(lenient_view(canonical), PROTECTED_PREFIX):
         assert response.status == 401
         assert arrived == []
-    elif 400 <= response.status < 500:
+    elif 400 <= response.status < 500:  # only the HTTP parser may refuse a target here
+        assert response.status == 400
+        assert response.header("Content-Type") != "application/problem+json"
         assert arrived == []
     else:
         assert response.status == 200
