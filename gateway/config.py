@@ -210,7 +210,6 @@ _SIZE_UNITS = {"b": 1} | {
     for n, unit in enumerate("kmgt")
     for i in ("", "i")
 }
-_HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 _REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _REFERENCE_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^$]|\$(?!\{))*))?", re.DOTALL)
 _SINGLE_REFERENCE = re.compile(r"\$\{[^}]*\}")
@@ -260,8 +259,30 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _norm_header(name: str) -> str:
+# Header names, here because the config validates them and gateway.headers (which imports
+# this module) strips by them: one definition for both.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def normalize_name(name: str) -> str:
+    """``X_Auth_User`` → ``x-auth-user``: the form every header comparison uses."""
     return name.lower().replace("_", "-")
+
+
+def is_hop_by_hop(normalized: str) -> bool:
+    return normalized in HOP_BY_HOP or normalized.startswith("proxy-")
 
 
 def _text(
@@ -449,9 +470,9 @@ def _set_headers(errs: _Errors, path: str, raw: Any) -> tuple[tuple[str, str], .
         except _Invalid as exc:
             errs.add(_key(path, name), str(exc))
             continue
-        if (first := pairs.get(_norm_header(header))) is not None:
+        if (first := pairs.get(normalize_name(header))) is not None:
             errs.add(_key(path, name), f"sets the same header as {_key(path, first[0])}")
-        pairs.setdefault(_norm_header(header), (header, text))
+        pairs.setdefault(normalize_name(header), (header, text))
     return tuple(pairs.values())
 
 
@@ -592,14 +613,14 @@ def _check(errs: _Errors, cfg: Config) -> None:
             errs.add("tokens.default_ttl", f"must not exceed tokens.max_ttl ({tokens.max_ttl:g}s)")
     identity: dict[str, str] = {}
     for key, header in cfg.identity_headers.names().items():
-        name = _norm_header(header)
+        name = normalize_name(header)
         if name in identity:
             errs.add(f"identity_headers.{key}", f"same as identity_headers.{identity[name]}")
         identity.setdefault(name, key)
     for i, route in enumerate(cfg.routes):
         for header, _ in route.set_request_headers:
-            name = _norm_header(header)
-            if name in identity or name in _HOP_BY_HOP or name.startswith("proxy-"):
+            name = normalize_name(header)
+            if name in identity or is_hop_by_hop(name):
                 kind = "an identity" if name in identity else "a hop-by-hop"
                 errs.add(f"routes[{i}].set_request_headers.{header}", f"cannot set {kind} header")
 

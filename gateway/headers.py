@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, MultiMapping
 
-from gateway.config import IdentityHeaders, IPNetwork
+from gateway.config import HOP_BY_HOP, IdentityHeaders, IPNetwork, is_hop_by_hop, normalize_name
 
 __all__ = [
     "FORWARDING",
@@ -40,20 +40,6 @@ __all__ = [
 # Anything that yields (name, value) pairs: aiohttp's request.headers, a CIMultiDict, a list.
 HeaderSource = Mapping[str, str] | Iterable[tuple[str, str]]
 
-HOP_BY_HOP: frozenset[str] = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
 # Client-supplied forwarding information: the forwarder sets its own (see forwarded_headers).
 # Beyond X-Forwarded-For/-Proto/-Host and Forwarded, every other X-Forwarded-* (-Port,
 # -Prefix, -Client-Cert, ...) and X-Real-IP go too: backends trust them just the same.
@@ -66,15 +52,6 @@ _KEEP, _DROP, _UPGRADE, _REQUEST_ID, _AUTHORIZATION = range(5)
 _VERDICTS_MAX = 4096  # distinct spellings remembered per policy: a client could invent more
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-
-
-def normalize_name(name: str) -> str:
-    """``X_Auth_User`` → ``x-auth-user``: the form every comparison here uses."""
-    return name.lower().replace("_", "-")
-
-
-def is_hop_by_hop(normalized: str) -> bool:
-    return normalized in HOP_BY_HOP or normalized.startswith("proxy-")
 
 
 def _items(headers: HeaderSource) -> Iterable[tuple[str, str]]:
