@@ -403,11 +403,7 @@ class TokenService:
         reporter = Actor(user_id="leak-report", company_id=None, permissions=frozenset(), ip=ip)
         async with self._tx() as tx:
             conn = tx.conn
-            revoked = [
-                token_id
-                for token_id in await store.token_ids_by_digest(conn, digests)
-                if await store.revoke_token(conn, token_id, "leaked")
-            ]
+            revoked = await store.revoke_tokens_by_digest(conn, digests, "leaked")
             await self._events(tx, reporter, revoked, "revoked", {"reason": "leaked"})
         return len(revoked)
 

@@ -281,7 +281,9 @@ WITH RECURSIVE chain (id) AS (
 UPDATE tokens SET revoked_at = now(), revoked_reason = $2
 WHERE id IN (SELECT id FROM chain) AND (revoked_at IS NULL OR revoked_at > now())
 RETURNING id"""
-SELECT_TOKEN_IDS_BY_HASH = "SELECT id FROM tokens WHERE hash = ANY($1::bytea[])"
+REVOKE_TOKENS_BY_HASH = """
+UPDATE tokens SET revoked_at = now(), revoked_reason = $2
+WHERE hash = ANY($1::bytea[]) AND (revoked_at IS NULL OR revoked_at > now()) RETURNING id"""
 SELECT_USER_TOKEN_IDS = """
 SELECT id FROM tokens WHERE user_id = $1 AND (revoked_at IS NULL OR revoked_at > now())"""
 
@@ -369,8 +371,11 @@ async def revoke_chain(conn: asyncpg.Connection, token_id: UUID, reason: str) ->
     return [r["id"] for r in await conn.fetch(REVOKE_CHAIN, token_id, reason)]
 
 
-async def token_ids_by_digest(conn: asyncpg.Connection, digests: Sequence[bytes]) -> list[UUID]:
-    return [r["id"] for r in await conn.fetch(SELECT_TOKEN_IDS_BY_HASH, list(digests))]
+async def revoke_tokens_by_digest(
+    conn: asyncpg.Connection, digests: Sequence[bytes], reason: str
+) -> list[UUID]:
+    """Revoke the still-usable tokens stored under ``digests``, in one statement; their ids."""
+    return [r["id"] for r in await conn.fetch(REVOKE_TOKENS_BY_HASH, list(digests), reason)]
 
 
 async def user_token_ids(conn: asyncpg.Connection, user_id: str) -> list[UUID]:
