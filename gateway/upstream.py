@@ -7,7 +7,8 @@ per request) and spends about twice the CPU per small request that a reverse pro
 client does exactly what the proxy needs: a request head built with one join, sent over a
 pooled keep-alive connection; the answer parsed by llhttp (``httptools``) in an
 ``asyncio.Protocol``; its body handed over as it arrives. No URL parsing beyond splitting
-each origin once, no logging. WebSockets keep aiohttp (see ``proxy.py``).
+each origin once, and no logging but for a bug in a relay. WebSockets keep aiohttp (see
+``proxy.py``).
 
 Flow control both ways: request bodies wait on the transport's ``pause_writing``; response
 bytes the consumer has not taken are bounded by ``READ_HIGH_WATER`` (reading pauses above
@@ -42,6 +43,7 @@ Go's net/http). Never after a byte of the answer; never once body bytes were con
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections import deque
@@ -50,7 +52,12 @@ from contextlib import suppress
 from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
@@ -70,6 +77,7 @@ DEFAULT_IDLE_TIMEOUT: Final = 30.0  # seconds an idle connection may be reused f
 READ_HIGH_WATER: Final = 256 * 1024  # unconsumed response bytes above which reading pauses
 RETRY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+log = logging.getLogger("patgate")
 _ENCODING: Final = "utf-8"
 _ERRORS: Final = "surrogateescape"  # as aiohttp: arbitrary header bytes survive a round trip
 
@@ -146,6 +154,10 @@ class _Connection(asyncio.Protocol):
             self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
+        except HttpParserCallbackError:  # a bug in a callback or a relay, not the upstream's
+            log.exception("relaying an upstream answer failed")
+            self._fail(UpstreamUnavailable("the upstream's answer could not be relayed"))
+            self.abort()
         except (HttpParserError, HttpParserUpgrade):
             self._fail(UpstreamUnavailable("the upstream's answer is not valid HTTP"))
             self.abort()

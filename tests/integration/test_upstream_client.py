@@ -965,3 +965,28 @@ async def test_send_paused_before_it_connects_stays_paused_once_connected(
     exchange.resume_reading()
     await until(recorder.ended)
     assert b"".join(recorder.chunks) == b"later"
+
+
+async def test_a_relay_that_fails_is_logged_not_blamed_on_the_upstream(
+    pool: UpstreamPool, serve_raw: StartRaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(Recorder):
+        def upstream_head(self, conn: Any) -> None:
+            raise RuntimeError("a bug in the relay")
+
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            w.write(answer(b"fine"))
+            await upstream.read_head(r)
+
+        return handle
+
+    upstream = await serve_raw(make)
+    broken = Broken()
+    pool.send(upstream.origin, "GET", "/", [], broken, connect_timeout=5.0, read_timeout=10.0)
+    await until(broken.ended)
+    assert isinstance(broken.error, UpstreamUnavailable)
+    assert "could not be relayed" in str(broken.error)
+    assert "relaying an upstream answer failed" in caplog.text
+    assert "a bug in the relay" in caplog.text
