@@ -110,12 +110,7 @@ async def measure(rounds: int) -> list[tuple[str, float, bytes]]:
     gate.authenticator = Authenticator(tokens, app[CACHE], None, cfg.roles)
     gate.usage = app[USAGE]
     pool = UpstreamPool()
-    gate.forwarder = Forwarder(
-        None,  # type: ignore[arg-type]  # the WebSocket session: not used here
-        cfg.identity_headers,
-        cfg.trusted_proxies,
-        pool=pool,
-    )
+    gate.forwarder = Forwarder(None, pool=pool)  # type: ignore[arg-type]  # no WebSockets
     loop = asyncio.get_running_loop()
 
     def cached_token() -> str:

@@ -118,10 +118,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     session = client_session()  # WebSockets
     pool = UpstreamPool()  # plain HTTP
-    cfg = app[CONFIG]
-    app[FORWARDER] = Forwarder(
-        session, cfg.identity_headers, cfg.trusted_proxies, signer=app.get(SIGNER), pool=pool
-    )
+    app[FORWARDER] = Forwarder(session, signer=app.get(SIGNER), pool=pool)
     yield
     await pool.close()
     await session.close()
@@ -179,7 +176,6 @@ def reload(app: web.Application, cfg: Config) -> list[str]:
     # -- the swap: no await from here on
     live.runtime = runtime
     if FORWARDER in app:
-        app[FORWARDER].configure(cfg.identity_headers, cfg.trusted_proxies)
         app[FORWARDER].signer = signer
     app[GATE].signer = signer  # SIGNER keeps the one made at start, as CONFIG its config
     if AUTHENTICATOR in app:

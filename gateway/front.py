@@ -157,7 +157,7 @@ class _Memo:
         self.request_id: str | None = None  # the client's sane request id, under ...
         self.request_id_policy: object = None  # ... this HeaderPolicy
         self.base: list[tuple[str, str]] = []  # Forwarder.base_items, for ...
-        self.base_for: tuple[object, object, object] | None = None  # (policy, trusted, route)
+        self.base_for: tuple[Runtime, Route] | None = None
 
 
 class _QuickReader:
@@ -436,17 +436,12 @@ class FrontProtocol(asyncio.Protocol):
         self.identity = identity
         forwarder = self.gate.forwarder
         known = memo.base_for
-        if not (
-            known is not None
-            and known[2] is route
-            and known[0] is forwarder.policy
-            and known[1] is forwarder.trusted
-        ):
-            memo.base = forwarder.base_items(request, route)
-            memo.base_for = (forwarder.policy, forwarder.trusted, route)
+        if known is None or known[0] is not rt or known[1] is not route:
+            memo.base = forwarder.base_items(request, rt, route)
+            memo.base_for = (rt, route)
         url = rt.routes.upstream_url(route, path, query)
         origin, target, headers = forwarder.prepare(
-            request, route, url, identity, self.request_id, memo.base
+            request, rt, route, url, identity, self.request_id, memo.base
         )
         self.forwarded = perf_counter()
         self.exchange = forwarder.pool.send(
@@ -464,10 +459,13 @@ class FrontProtocol(asyncio.Protocol):
     # -- the upstream's answer (gateway.upstream.Relay) ---------------------------------------
 
     def upstream_head(self, conn: _Connection) -> None:
-        request = self.request
+        request, rt = self.request, self.rt
         assert request is not None
+        assert rt is not None
         status = conn.status
-        items = self.gate.forwarder.response_headers(conn.headers, self.identity, self.request_id)
+        items = self.gate.forwarder.response_headers(
+            conn.headers, rt, self.identity, self.request_id
+        )
         self.status = status
         self.answered = True
         if status in _EMPTY_STATUSES:

@@ -182,7 +182,9 @@ class GatewayHandler:
                 identity = await self.admit(request, rt, route)
                 url = rt.routes.upstream_url(route, path, query)
                 forwarded = perf_counter()
-                response = await self.forwarder.forward(request, route, url, identity, request_id)
+                response = await self.forwarder.forward(
+                    request, rt, route, url, identity, request_id
+                )
         except PatgateError as error:
             response = self.refused(error, rt, request_id)
         except Exception:  # a bug: still problem+json, and logged with its request id

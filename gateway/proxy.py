@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -61,10 +61,9 @@ from yarl import URL
 
 from gateway.assertion import AssertionSigner
 from gateway.auth import Identity, identity_headers
-from gateway.config import IdentityHeaders, IPNetwork, Route
+from gateway.config import Route
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import (
-    HeaderPolicy,
     forwarded_headers,
     is_trusted,
     is_websocket_upgrade,
@@ -72,6 +71,9 @@ from gateway.headers import (
     response_header_items,
 )
 from gateway.upstream import UpstreamPool
+
+if TYPE_CHECKING:  # gateway.keys imports this module for its FORWARDER key
+    from gateway.keys import Runtime
 
 TOKEN_EXPIRES_HEADER = "X-Auth-Token-Expires-At"
 # Headers aiohttp's client would invent when the client did not send them.
@@ -125,57 +127,59 @@ async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[b
 
 
 class Forwarder:
+    """Header names, trusted proxies and header policy come from the request's ``Runtime``
+    (``rt``, read once per request), so a reload never mixes two configurations in one
+    request; the signer is replaced by the reload itself."""
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        names: IdentityHeaders,
-        trusted_proxies: tuple[IPNetwork, ...],
         signer: AssertionSigner | None = None,
         pool: UpstreamPool | None = None,
     ) -> None:
         self.session = session  # WebSockets
         self.pool = pool or UpstreamPool()  # plain HTTP: the lean client
         self.signer = signer
-        self.configure(names, trusted_proxies)
-
-    def configure(self, names: IdentityHeaders, trusted_proxies: tuple[IPNetwork, ...]) -> None:
-        """Set (or, on a reload, replace) the header names and trusted proxies in one step."""
-        self.names = names
-        self.policy = HeaderPolicy(names)
-        self.trusted = trusted_proxies
 
     def request_headers(
-        self, request: RequestView, route: Route, identity: Identity | None, request_id: str
+        self,
+        request: RequestView,
+        rt: Runtime,
+        route: Route,
+        identity: Identity | None,
+        request_id: str,
     ) -> CIMultiDict[str]:
         """Strip what a client could spoof or that belongs to this hop, then inject ours."""
-        return CIMultiDict(self.request_items(request, route, identity, request_id))
+        return CIMultiDict(self.request_items(request, rt, route, identity, request_id))
 
     def request_items(
         self,
         request: RequestView,
+        rt: Runtime,
         route: Route,
         identity: Identity | None,
         request_id: str,
         base: list[tuple[str, str]] | None = None,
     ) -> list[tuple[str, str]]:
         """``request_headers`` as a list, in the order they are sent. ``base``: what
-        ``base_items`` returned for this request and route, when the caller kept it."""
-        items = self.base_items(request, route) if base is None else base.copy()
+        ``base_items`` returned for this request, runtime and route, when the caller kept it."""
+        items = self.base_items(request, rt, route) if base is None else base.copy()
+        names = rt.cfg.identity_headers
         if identity is not None:
-            items += identity_headers(self.names, identity)
+            items += identity_headers(names, identity)
             if self.signer is not None:
                 _put(items, self.signer.header, self.signer.sign(identity, route.name))
-        _put(items, self.names.request_id, request_id)
+        _put(items, names.request_id, request_id)
         return items
 
-    def base_items(self, request: RequestView, route: Route) -> list[tuple[str, str]]:
+    def base_items(self, request: RequestView, rt: Runtime, route: Route) -> list[tuple[str, str]]:
         """The headers sent upstream before identity and request id: the client's, cleaned,
-        the route's own and ``X-Forwarded-*``. A function of the request's headers, peer and
-        the route, for this Forwarder's configuration (``configure`` replaces the objects)."""
+        the route's own and ``X-Forwarded-*``. A function of the request's headers and peer,
+        the runtime and the route."""
         headers = request.headers
         items = request_header_items(
             headers,
-            self.policy,
+            rt.header_policy,
             websocket=False,
             keep_authorization=route.forward_authorization,
             remove=route.remove_request_headers,
@@ -188,7 +192,7 @@ class Forwarder:
             peer=peer,
             proto=request.scheme,
             host=request.host,
-            trusted_peer=is_trusted(peer, self.trusted),
+            trusted_peer=is_trusted(peer, rt.cfg.trusted_proxies),
         )
         if route.preserve_host:
             _put(items, "Host", request.host)
@@ -197,6 +201,7 @@ class Forwarder:
     def prepare(
         self,
         request: RequestView,
+        rt: Runtime,
         route: Route,
         url: str,
         identity: Identity | None,
@@ -206,30 +211,35 @@ class Forwarder:
         """The upstream's origin, the request target (the exact canonical path and query)
         and the headers to send."""
         cut = url.find("/", url.find("://") + 3)
-        items = self.request_items(request, route, identity, request_id, base)
+        items = self.request_items(request, rt, route, identity, request_id, base)
         return url[:cut], url[cut:], items
 
     def response_headers(
-        self, upstream: list[tuple[str, str]], identity: Identity | None, request_id: str
+        self,
+        upstream: list[tuple[str, str]],
+        rt: Runtime,
+        identity: Identity | None,
+        request_id: str,
     ) -> list[tuple[str, str]]:
         """The upstream's answer's headers as the client gets them, in order."""
         items = response_header_items(upstream)
         if identity is not None and identity.expires_header is not None:
             _put(items, TOKEN_EXPIRES_HEADER, identity.expires_header)
-        _put(items, self.names.request_id, request_id)
+        _put(items, rt.cfg.identity_headers.request_id, request_id)
         return items
 
     async def forward(
         self,
         request: web.Request,
+        rt: Runtime,
         route: Route,
         url: str,
         identity: Identity | None,
         request_id: str,
     ) -> web.StreamResponse:
         if route.websocket and request.method == "GET" and is_websocket_upgrade(request.headers):
-            return await self.websocket(request, route, url, identity, request_id)
-        origin, target, headers = self.prepare(request, route, url, identity, request_id)
+            return await self.websocket(request, rt, route, url, identity, request_id)
+        origin, target, headers = self.prepare(request, rt, route, url, identity, request_id)
         body: AsyncIterator[bytes] | None = None
         length = request.content_length
         if request.body_exists:
@@ -251,7 +261,9 @@ class Forwarder:
         )
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            response.headers.extend(self.response_headers(upstream.headers, identity, request_id))
+            response.headers.extend(
+                self.response_headers(upstream.headers, rt, identity, request_id)
+            )
             await response.prepare(request)
             async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
@@ -270,6 +282,7 @@ class Forwarder:
     async def websocket(
         self,
         request: web.Request,
+        rt: Runtime,
         route: Route,
         url: str,
         identity: Identity | None,
@@ -279,7 +292,7 @@ class Forwarder:
         offered = _subprotocols(request.headers)
         if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
             raise BadRequest("the WebSocket handshake is malformed")
-        headers = self.request_headers(request, route, identity, request_id)
+        headers = self.request_headers(request, rt, route, identity, request_id)
         for name in [name for name in headers if name.lower().startswith("sec-websocket-")]:
             headers.popall(name, None)  # aiohttp's client writes its own key, version, protocol
         target = URL(url, encoded=True)
@@ -298,7 +311,7 @@ class Forwarder:
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 101:
                 raise UpstreamUnavailable("the upstream's WebSocket handshake is invalid") from exc
-            return self._refusal(exc.status, exc.headers, identity, request_id)
+            return self._refusal(exc.status, exc.headers, rt, identity, request_id)
         except TimeoutError as exc:
             raise UpstreamTimeout("the upstream did not complete the WebSocket handshake") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -312,7 +325,7 @@ class Forwarder:
             compress=False,
             max_msg_size=MAX_WS_MESSAGE + 1,  # aiohttp refuses a size that reaches it
         )
-        client.headers.extend(self.response_headers([], identity, request_id))
+        client.headers.extend(self.response_headers([], rt, identity, request_id))
         try:
             await client.prepare(request)
         except BaseException:
@@ -325,12 +338,13 @@ class Forwarder:
         self,
         status: int,
         headers: MultiMapping[str] | None,
+        rt: Runtime,
         identity: Identity | None,
         request_id: str,
     ) -> web.Response:
         """The upstream answered the handshake with ``status``: relay it, without a body."""
         upstream = [] if headers is None else list(headers.items())
-        answer = self.response_headers(upstream, identity, request_id)
+        answer = self.response_headers(upstream, rt, identity, request_id)
         response = web.Response(status=status)
         response.headers.extend(item for item in answer if item[0].lower() not in _BODY_HEADERS)
         return response
