@@ -137,9 +137,11 @@ class Authenticator:
         raise cached()
 
     async def authenticate(self, authorization: str | None) -> Identity:
-        identity = self.cached(authorization)
-        if identity is not None:
-            return identity
+        return self.cached(authorization) or await self.load(authorization)
+
+    async def load(self, authorization: str | None) -> Identity:
+        """After ``cached`` returned None (the token is well-formed): ask PostgreSQL, once
+        for all concurrent callers."""
         digests = self.token_format.digests(bearer_token(authorization))
         key = digests[0]
         try:

@@ -420,7 +420,7 @@ class FrontProtocol(asyncio.Protocol):
     ) -> None:
         """A token the cache does not know: the database answers, then on as usual."""
         try:
-            identity = await self.gate.admit(request, rt, route)
+            identity = await self.gate.admit_loaded(request, rt, route)
             self.forward(route, path, query, identity, memo)
         except PatgateError as error:
             self.refuse(error)

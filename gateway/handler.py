@@ -3,8 +3,8 @@ canonical path → route → authenticate → authorize → forward (or answer f
 
 Every gateway error becomes problem+json here, in one place, and every request ends in
 one metrics update and one access-log line. ``handle`` serves what aiohttp's server
-answers; the front end (``gateway.front``) asks the same methods (``admit_cached``,
-``admit``, ``refused``) for the plain requests it answers itself.
+answers; the front end (``gateway.front``) asks the same methods (``admit_cached``, then
+``admit_loaded`` on a cache miss, ``refused``) for the plain requests it answers itself.
 """
 
 from __future__ import annotations
@@ -143,8 +143,12 @@ class GatewayHandler:
         decided = self.admit_cached(request, rt, route)
         if decided is not PENDING:
             return decided
+        return await self.admit_loaded(request, rt, route)
+
+    async def admit_loaded(self, request: RequestView, rt: Runtime, route: Route) -> Identity:
+        """``admit`` after ``admit_cached`` answered PENDING: the database decides."""
         try:
-            identity = await self.authenticator.authenticate(_authorization(request))
+            identity = await self.authenticator.load(_authorization(request))
         except AuthError as error:
             self.telemetry.auth_outcome(error.reason)
             raise
