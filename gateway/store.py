@@ -59,6 +59,8 @@ async def transaction(pool: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[
                 yield conn
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(exc.detail or "already exists") from exc
+    except asyncpg.TransactionRollbackError as exc:  # a deadlock or serialization failure
+        raise Conflict("a concurrent change to the same user or token; try again") from exc
     except asyncpg.DataError as exc:  # e.g. a NUL character, which text cannot hold
         raise InvalidInput(f"a value cannot be stored: {exc}") from exc
     except UNAVAILABLE_ERRORS as exc:

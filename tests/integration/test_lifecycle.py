@@ -4,11 +4,12 @@ the plaintext is stored nowhere."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
@@ -863,3 +864,35 @@ async def test_the_stored_hash_is_the_digest_of_the_plaintext(world_with: Any, d
         )
         assert found is not None
         assert found.id == created.token.id
+
+
+async def test_a_deadlock_between_two_changes_is_a_409_to_retry(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """Two transactions taking the same two rows in opposite orders: PostgreSQL aborts one
+    of them. That caller gets a 409 to retry, not a 500."""
+    ids = [f"c-{uuid4().hex[:8]}" for _ in range(2)]
+    for company_id in ids:
+        await store.insert_company(db, company_id, "deadlock")
+    other = await asyncpg.connect(database_url)
+    first_locked, second_locked = asyncio.Event(), asyncio.Event()
+
+    async def lock(conn: Any, mine: str, theirs: str, locked: asyncio.Event, wait: Any) -> None:
+        async with store.transaction(conn) as tx:
+            await tx.execute("SELECT 1 FROM companies WHERE id = $1 FOR UPDATE", mine)
+            locked.set()
+            await wait.wait()
+            await tx.execute("SELECT 1 FROM companies WHERE id = $1 FOR UPDATE", theirs)
+
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                lock(db, ids[0], ids[1], first_locked, second_locked),
+                lock(other, ids[1], ids[0], second_locked, first_locked),
+                return_exceptions=True,
+            ),
+            30,
+        )
+    finally:
+        await other.close()
+    assert sorted(type(o).__name__ for o in outcomes) == ["Conflict", "NoneType"]
