@@ -195,6 +195,11 @@ async def raw_server() -> AsyncIterator[StartRaw]:
 # Configuration and the gateway
 
 
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header of a request with ``token`` (a PAT or a session JWT)."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 def gateway_config(upstream_url: str, **overrides: Any) -> Config:
     """A Config from a small dict: the SPEC's roles and a few routes to ``upstream_url``."""
     data: dict[str, Any] = {

@@ -29,7 +29,7 @@ import pytest
 
 from gateway import embedded, store
 from gateway.embedded import EmbeddedPostgres
-from tests.conftest import RecordingUpstream, Seeder, gateway_config
+from tests.conftest import RecordingUpstream, Seeder, bearer, gateway_config
 from tests.e2e.support import (
     ROLES,
     ServeProcess,
@@ -122,10 +122,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         yield session
-
-
-def bearer(credential: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {credential}"}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import asyncpg
 import jwt
 import pytest
 
-from tests.conftest import RecordingUpstream, Seeder, gateway_config
+from tests.conftest import RecordingUpstream, Seeder, bearer, gateway_config
 from tests.e2e.support import ROLES, ServeProcess, clean_env, write_config
 
 SECRET = "replica-test-session-secret-0123456789ab"  # 40 characters: HS256 wants >= 32 bytes
@@ -86,10 +86,6 @@ async def session_jwt(database_url: str, upstream: RecordingUpstream) -> str:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         yield session
-
-
-def bearer(credential: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {credential}"}
 
 
 async def status_of(http: aiohttp.ClientSession, url: str, token: str) -> int:

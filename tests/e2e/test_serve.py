@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.tokens import TokenFormat
-from tests.conftest import Received, RecordingUpstream
+from tests.conftest import Received, RecordingUpstream, bearer
 from tests.e2e.support import (
     ROLES,
     START_TIMEOUT,
@@ -126,10 +126,6 @@ async def new_token(cli: Cli, role: str, *args: str) -> tuple[str, str, dict[str
         cli.json, "token", "create", "--user", user_id, "--name", "e2e", *args
     )
     return company_id, user_id, created
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def problem(response: aiohttp.ClientResponse) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from gateway.errors import UnknownToken
 from gateway.lifecycle import OPERATOR
 from gateway.listener import InvalidationListener
 from gateway.tokens import TokenFormat
-from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, gateway_config
-from tests.integration.test_request_path import CountingPool, bearer, count_queries, problem
+from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, bearer, gateway_config
+from tests.integration.test_request_path import CountingPool, count_queries, problem
 
 CONCURRENT_FIRST_REQUESTS = 1_000
 FLOOD_SIZE = 100_000

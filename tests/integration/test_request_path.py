@@ -14,7 +14,7 @@ from yarl import URL
 
 from gateway.app import AUTHENTICATOR, CACHE, LISTENER
 from gateway.lifecycle import OPERATOR, Expiry
-from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, gateway_config
+from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, bearer, gateway_config
 
 
 class CountingPool:
@@ -34,10 +34,6 @@ def count_queries(client: Any) -> CountingPool:
     counter = CountingPool(authenticator.pool)
     authenticator.pool = counter
     return counter
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from gateway.app import POOL, USAGE
 from gateway.config import Config
 from gateway.management import api as management_api
-from tests.conftest import ROLES, GatewayFactory, RecordingUpstream, Seeder, gateway_config
+from tests.conftest import ROLES, GatewayFactory, RecordingUpstream, Seeder, bearer, gateway_config
 
 SECRET = "x" * 40
 API = "/_patgate/api/v1"
@@ -55,10 +55,6 @@ def session_jwt(user_id: str, *, mfa: bool = True, expires_in: float = 600) -> s
     if mfa:
         claims["amr"] = ["mfa"]
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-def bearer(credential: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {credential}"}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from gateway.app import POOL, USAGE
 from gateway.config import Config
 from gateway.lifecycle import OPERATOR
 from gateway.usage import UsageBuffer
-from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, gateway_config
+from tests.conftest import GatewayFactory, RecordingUpstream, Seeder, bearer, gateway_config
 
 REQUESTS = 10_000
 BATCH = 200
@@ -85,10 +85,6 @@ class ComesBackPool:
 def config(upstream_url: str) -> Config:
     """Public and protected routes; the periodic flush never fires inside a test."""
     return gateway_config(upstream_url, usage={"flush_interval": "1h"})
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway import proxy
 from gateway.config import Config
-from tests.conftest import GatewayFactory, Seeder, gateway_config
+from tests.conftest import GatewayFactory, Seeder, bearer, gateway_config
 
 UPSTREAM_PROTOCOLS = ("chat.v2", "chat.v1")
 
@@ -107,10 +107,6 @@ def ws_config(upstream_url: str, **route: Any) -> Config:
 @pytest.fixture
 async def seed(db: Any) -> Seeder:
     return Seeder(gateway_config("http://127.0.0.1:9"), db)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def handshake_headers(**extra: str) -> dict[str, str]:
