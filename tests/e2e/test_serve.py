@@ -342,9 +342,10 @@ def free_port() -> int:
         return port
 
 
-def test_a_port_in_use_is_one_error_line(
-    tmp_path: Path, config_file: Path, database_url: str
-) -> None:
+def serve_on_a_taken_port(
+    tmp_path: Path, config_file: Path, database_url: str, *args: str
+) -> ServeProcess:
+    """``patgate serve *args`` on a port another socket holds: the finished process."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -354,13 +355,19 @@ def test_a_port_in_use_is_one_error_line(
             serve_config("http://127.0.0.1:9", listen={"host": "127.0.0.1", "port": port}),
         )
         with ServeProcess(
-            ["serve", "--config", str(config_file)],
+            ["serve", *args, "--config", str(config_file)],
             clean_env(PATGATE_DATABASE_URL=database_url),
             tmp_path,
         ) as process:
-            code = process.wait()
+            assert process.wait() == 1
+    return process
 
-    assert code == 1
+
+def test_a_port_in_use_is_one_error_line(
+    tmp_path: Path, config_file: Path, database_url: str
+) -> None:
+    process = serve_on_a_taken_port(tmp_path, config_file, database_url)
+
     assert len(process.stderr.lines) == 1, process.stderr.text
     assert process.stderr.lines[0].startswith("patgate: error: ")
 
@@ -428,22 +435,8 @@ async def test_serve_migrate_prepares_a_new_database_then_serves(
 def test_workers_that_cannot_start_say_why(
     tmp_path: Path, config_file: Path, database_url: str
 ) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        write_config(
-            config_file,
-            serve_config("http://127.0.0.1:9", listen={"host": "127.0.0.1", "port": port}),
-        )
-        with ServeProcess(
-            ["serve", "--workers", "2", "--config", str(config_file)],
-            clean_env(PATGATE_DATABASE_URL=database_url),
-            tmp_path,
-        ) as process:
-            code = process.wait()
+    process = serve_on_a_taken_port(tmp_path, config_file, database_url, "--workers", "2")
 
-    assert code == 1
     lines = process.stderr.lines
     assert len(lines) == 2, process.stderr.text  # one per worker
     for line in lines:
