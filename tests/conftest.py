@@ -202,6 +202,11 @@ def bearer(token: str) -> dict[str, str]:
 
 def gateway_config(upstream_url: str, **overrides: Any) -> Config:
     """A Config from a small dict: the SPEC's roles and a few routes to ``upstream_url``."""
+    return parse_config(gateway_config_data(upstream_url, **overrides))
+
+
+def gateway_config_data(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """``gateway_config`` as the data of a config file (for the tests that run the command)."""
     data: dict[str, Any] = {
         "roles": ROLES,
         "routes": [
@@ -238,7 +243,7 @@ def gateway_config(upstream_url: str, **overrides: Any) -> Config:
         ],
     }
     data.update(overrides)
-    return parse_config(data)
+    return data
 
 
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

@@ -16,9 +16,8 @@ import aiohttp
 import pytest
 
 from gateway.tokens import TokenFormat
-from tests.conftest import Received, RecordingUpstream, bearer
+from tests.conftest import Received, RecordingUpstream, bearer, gateway_config_data
 from tests.e2e.support import (
-    ROLES,
     START_TIMEOUT,
     Cli,
     ServeProcess,
@@ -39,35 +38,13 @@ def is_listening(line: str) -> bool:
 
 
 def serve_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
-    """SPEC §5's roles, OS-picked ports, a public route and protected ones to the upstream."""
-    config: dict[str, Any] = {
+    """The tests' usual config as a file's data: OS-picked ports, the URL from the env."""
+    file: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin_listen": {"host": "127.0.0.1", "port": 0},
         "database": {"url": "${PATGATE_DATABASE_URL}"},
-        "roles": ROLES,
-        "routes": [
-            {
-                "name": "public",
-                "match": {"prefix": "/public"},
-                "upstream": upstream_url,
-                "public": True,
-            },
-            {
-                "name": "jobs-read",
-                "match": {"prefix": "/api/jobs", "methods": ["GET", "HEAD"]},
-                "upstream": upstream_url,
-                "require": ["jobs:read"],
-            },
-            {
-                "name": "jobs-write",
-                "match": {"prefix": "/api/jobs", "methods": ["POST", "PUT", "PATCH", "DELETE"]},
-                "upstream": upstream_url,
-                "require": ["jobs:write"],
-            },
-        ],
     }
-    config.update(overrides)
-    return config
+    return gateway_config_data(upstream_url, **(file | overrides))
 
 
 @pytest.fixture
