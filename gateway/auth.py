@@ -136,6 +136,23 @@ class Authenticator:
             return None
         raise cached()
 
+    def key(self, authorization: str | None) -> bytes:
+        """The cache key of the token in ``authorization``, for ``cached_key``; raises the
+        ``AuthError`` of a missing, malformed or badly checksummed token."""
+        token = bearer_token(authorization)
+        tokens = self.token_format
+        tokens.check(token)
+        return tokens.digest(token)
+
+    def cached_key(self, key: bytes) -> Identity | None:
+        """``cached`` for a token whose ``key`` the caller kept (it sends it again)."""
+        cached = self.cache.get(key)
+        if isinstance(cached, Identity):
+            return cached
+        if cached is None:
+            return None
+        raise cached()
+
     async def authenticate(self, authorization: str | None) -> Identity:
         return self.cached(authorization) or await self.load(authorization)
 

@@ -66,7 +66,8 @@ from gateway.handler import (
 )
 from gateway.keys import Runtime
 from gateway.paths import canonical_path
-from gateway.upstream import Exchange, _Connection
+from gateway.proxy import REQUEST_ID_MARK, UpstreamTemplate
+from gateway.upstream import Exchange, _Connection, request_line
 
 __all__ = ["FrontProtocol", "FrontRequest", "FrontServer", "GatewayRunner"]
 
@@ -99,6 +100,10 @@ _EMPTY_STATUSES: Final = frozenset((204, 304, *range(100, 200)))
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _SERVER_LINE: Final = f"Server: {SERVER_SOFTWARE}\r\n"
 _HAS_TYPE, _HAS_DATE, _HAS_SERVER = 1, 2, 4
+# Where an _Answer's Date goes: no upstream header has a NUL (llhttp refuses them).
+_DATE_MARK_TEXT: Final = "\x00date\x00"
+_DATE_MARK: Final = _DATE_MARK_TEXT.encode()
+_REQUEST_ID_MARK_BYTES: Final = REQUEST_ID_MARK.encode()
 _PRESENCE: Final = {"content-type": _HAS_TYPE, "date": _HAS_DATE, "server": _HAS_SERVER}
 
 
@@ -148,6 +153,10 @@ class _Memo:
         "host",
         "request_id",
         "request_id_policy",
+        "route_for",
+        "template",
+        "token_key",
+        "used",
     )
 
     def __init__(self, block: bytes, headers: CIMultiDictProxy[str]) -> None:
@@ -158,6 +167,56 @@ class _Memo:
         self.request_id_policy: object = None  # ... this HeaderPolicy
         self.base: list[tuple[str, str]] = []  # Forwarder.base_items, for ...
         self.base_for: tuple[Runtime, Route] | None = None
+        self.route_for: tuple[Runtime, str, str, Route] | None = None  # rt, method, path
+        self.template: UpstreamTemplate | None = None  # Forwarder.template
+        self.token_key: bytes | None = None  # GatewayHandler.token_key: a well-formed token's
+        # Set on its second request: what pays off only when the headers repeat waits for it.
+        self.used = False
+
+
+class _Answer:
+    """The client's answer head for an upstream answer head seen before on this connection:
+    ``FrontProtocol._head``'s bytes with a place for the request id and, unless the upstream
+    sent its own, the ``Date``."""
+
+    __slots__ = (
+        "after",
+        "before",
+        "between",
+        "bodyless",
+        "chunked",
+        "key",
+        "reusable",
+        "rt",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        rt: Runtime,
+        key: tuple[int, str, str | None, bool, bool],
+        upstream: list[tuple[str, str]],
+        head: bytes,
+        *,
+        bodyless: bool,
+        chunked: bool,
+    ) -> None:
+        self.rt = rt
+        self.key = key  # status, reason, the token's expiry header, HEAD, keep-alive
+        self.upstream = upstream  # the upstream's headers, as parsed
+        self.bodyless = bodyless
+        self.chunked = chunked
+        self.reusable = head.count(_REQUEST_ID_MARK_BYTES) == 1 and head.count(_DATE_MARK) <= 1
+        self.before, _, rest = head.partition(_REQUEST_ID_MARK_BYTES)
+        between, dated, after = rest.partition(_DATE_MARK)
+        self.between = between if dated else rest
+        self.after = after if dated else None
+
+    def head(self, request_id: str) -> bytes:
+        if self.after is None:
+            return self.before + request_id.encode() + self.between
+        date = rfc822_formatted_time().encode()
+        return self.before + request_id.encode() + self.between + date + self.after
 
 
 class _QuickReader:
@@ -217,6 +276,7 @@ class FrontProtocol(asyncio.Protocol):
         self._odd = False  # a head only aiohttp's server answers
         self._singletons: set[bytes] = set()
         self._memo: _Memo | None = None
+        self._answer: _Answer | None = None
         self.quick = _QuickReader()
         self._reset()
 
@@ -322,6 +382,7 @@ class FrontProtocol(asyncio.Protocol):
         block = buffer[buffer.find(b"\r\n") : end]
         memo = self._memo
         if memo is not None and block == memo.block:
+            memo.used = True
             parser = self.quick.parser
             headers, host = memo.headers, memo.host
             if not self.quick.read(buffer[:end]):
@@ -401,9 +462,21 @@ class FrontProtocol(asyncio.Protocol):
             memo.request_id_policy = policy
         self.request_id = memo.request_id or new_request_id()
         try:
-            route = rt.routes.match(request.host, request.method, path)
+            known = memo.route_for
+            if (
+                known is not None
+                and known[0] is rt
+                and known[2] == path
+                and known[1] == request.method
+            ):
+                route = known[3]
+            else:
+                route = rt.routes.match(request.host, request.method, path)
+                memo.route_for = (rt, request.method, path, route)
             self.label = route.name
-            identity = gate.admit_cached(request, rt, route)
+            if memo.used and not route.public and memo.token_key is None:
+                memo.token_key = gate.token_key(request)
+            identity = gate.admit_cached(request, rt, route, memo.token_key)
             if identity is PENDING:
                 self.task = self.loop.create_task(
                     self._admit(request, rt, route, path, query, memo)
@@ -439,16 +512,26 @@ class FrontProtocol(asyncio.Protocol):
         if known is None or known[0] is not rt or known[1] is not route:
             memo.base = forwarder.base_items(request, rt, route)
             memo.base_for = (rt, route)
-        url = rt.routes.upstream_url(route, path, query)
-        origin, target, headers = forwarder.prepare(
-            request, rt, route, url, identity, self.request_id, memo.base
-        )
+        template = memo.template
+        if memo.used and (template is None or not template.fits(rt, route, identity)):
+            template = memo.template = forwarder.template(request, rt, route, identity, memo.base)
+        if template is None:
+            url = rt.routes.upstream_url(route, path, query)
+            origin, target, headers = forwarder.prepare(
+                request, rt, route, url, identity, self.request_id, memo.base
+            )
+            head = request_line(request.method, target) + forwarder.pool.header_block(
+                origin, headers
+            )
+        else:
+            origin = template.origin
+            target = rt.routes.upstream_target(route, path, query)
+            head = template.head(request.method, target, self.request_id)
         self.forwarded = perf_counter()
-        self.exchange = forwarder.pool.send(
+        self.exchange = forwarder.pool.send_head(
             origin,
             request.method,
-            target,
-            headers,
+            head,
             self,
             connect_timeout=route.connect_timeout,
             read_timeout=route.timeout,
@@ -459,26 +542,61 @@ class FrontProtocol(asyncio.Protocol):
     # -- the upstream's answer (gateway.upstream.Relay) ---------------------------------------
 
     def upstream_head(self, conn: _Connection) -> None:
-        request, rt = self.request, self.rt
+        request, rt, identity = self.request, self.rt, self.identity
         assert request is not None
         assert rt is not None
-        status = conn.status
-        items = self.gate.forwarder.response_headers(
-            conn.headers, rt, self.identity, self.request_id
+        if self.closing:
+            self.keep_alive = False
+        key = (
+            conn.status,
+            conn.reason,
+            identity.expires_header if identity is not None else None,
+            request.method == "HEAD",
+            self.keep_alive,
         )
-        self.status = status
+        answer = self._answer
+        if (
+            answer is None
+            or answer.rt is not rt
+            or answer.key != key
+            or answer.upstream != conn.headers
+        ):
+            head, bodyless, chunked = self._render(
+                conn.headers, rt, key, REQUEST_ID_MARK, _DATE_MARK_TEXT
+            )
+            answer = self._answer = _Answer(
+                rt, key, conn.headers, head, bodyless=bodyless, chunked=chunked
+            )
+        self.status = conn.status
         self.answered = True
+        self.bodyless = answer.bodyless
+        self.chunked = answer.chunked
+        if answer.reusable:
+            self.pending = answer.head(self.request_id)
+        else:  # the upstream's reason has a NUL, which could pass for a mark
+            self.pending = self._render(
+                conn.headers, rt, key, self.request_id, rfc822_formatted_time()
+            )[0]
+
+    def _render(
+        self,
+        upstream: list[tuple[str, str]],
+        rt: Runtime,
+        key: tuple[int, str, str | None, bool, bool],
+        request_id: str,
+        date: str,
+    ) -> tuple[bytes, bool, bool]:
+        """The answer's head for the upstream's headers and ``upstream_head``'s ``key``,
+        whether it has no body, and whether its body is chunked."""
+        status, reason, _, is_head, _ = key
+        items = self.gate.forwarder.response_headers(upstream, rt, self.identity, request_id)
         if status in _EMPTY_STATUSES:
-            self.bodyless = True
             items = [item for item in items if item[0].lower() != "content-length"]
-            self.pending = self._head(status, conn.reason, items, None)
-        elif request.method == "HEAD":
-            self.bodyless = True
-            self.pending = self._head(status, conn.reason, items, None)
-        else:
-            length = _framing(items)
-            self.chunked = length == ""
-            self.pending = self._head(status, conn.reason, items, length)
+            return self._head(status, reason, items, None, date), True, False
+        if is_head:
+            return self._head(status, reason, items, None, date), True, False
+        length = _framing(items)
+        return self._head(status, reason, items, length, date), False, length == ""
 
     def upstream_body(self, chunk: bytes) -> None:
         if self.bodyless or not chunk:
@@ -521,11 +639,16 @@ class FrontProtocol(asyncio.Protocol):
     # -- answers ------------------------------------------------------------------------------
 
     def _head(
-        self, status: int, reason: str, items: list[tuple[str, str]], length: str | None
+        self,
+        status: int,
+        reason: str,
+        items: list[tuple[str, str]],
+        length: str | None,
+        date: str,
     ) -> bytes:
         """The answer's head as aiohttp's ``StreamResponse`` writes it: the headers, then
-        what it adds when they lack it. ``length``: the body's ``Content-Length`` ("" for
-        chunked), or None for an answer without a body."""
+        what it adds when they lack it (``date`` the ``Date``). ``length``: the body's
+        ``Content-Length`` ("" for chunked), or None for an answer without a body."""
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in items]
         has = _present(items)
@@ -535,11 +658,9 @@ class FrontProtocol(asyncio.Protocol):
             if length != "0" and not has & _HAS_TYPE:
                 lines.append("Content-Type: application/octet-stream\r\n")
         if not has & _HAS_DATE:
-            lines.append(f"Date: {rfc822_formatted_time()}\r\n")
+            lines.append(f"Date: {date}\r\n")
         if not has & _HAS_SERVER:
             lines.append(_SERVER_LINE)
-        if self.closing:
-            self.keep_alive = False
         if not self.keep_alive:
             lines.append("Connection: close\r\n")
         lines.append("\r\n")
@@ -553,7 +674,9 @@ class FrontProtocol(asyncio.Protocol):
         body = response.body
         assert isinstance(body, bytes)
         items = [*response.headers.items(), ("Content-Length", str(len(body)))]
-        head = self._head(response.status, response.reason, items, None)
+        if self.closing:
+            self.keep_alive = False
+        head = self._head(response.status, response.reason, items, None, rfc822_formatted_time())
         request = self.request
         self.transport.write(
             head if request is not None and request.method == "HEAD" else head + body

@@ -121,15 +121,28 @@ class GatewayHandler:
         self.forwarder = self.app[FORWARDER]
         self.usage = self.app[USAGE]
 
+    def token_key(self, request: RequestView) -> bytes:
+        """The cache key of the request's token (``Authenticator.key``), for a caller that
+        will see the same ``Authorization`` again."""
+        try:
+            return self.authenticator.key(_authorization(request))
+        except AuthError as error:
+            self.telemetry.auth_outcome(error.reason)
+            raise
+
     def admit_cached(
-        self, request: RequestView, rt: Runtime, route: Route
+        self, request: RequestView, rt: Runtime, route: Route, key: bytes | None = None
     ) -> Identity | Pending | None:
         """``admit`` as far as it goes without awaiting: PENDING when only the database
-        can tell who the token belongs to."""
+        can tell who the token belongs to. ``key``: the request's ``token_key``, if kept."""
         if route.public:
             return None
+        authenticator = self.authenticator
         try:
-            identity = self.authenticator.cached(_authorization(request))
+            if key is None:
+                identity = authenticator.cached(_authorization(request))
+            else:
+                identity = authenticator.cached_key(key)
         except AuthError as error:
             self.telemetry.auth_outcome(error.reason)
             raise

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -70,7 +70,7 @@ from gateway.headers import (
     request_header_items,
     response_header_items,
 )
-from gateway.upstream import UpstreamPool
+from gateway.upstream import UpstreamPool, request_line
 
 if TYPE_CHECKING:  # gateway.keys imports this module for its FORWARDER key
     from gateway.keys import Runtime
@@ -86,6 +86,11 @@ _WS_SCHEMES = {"http": "ws", "https": "wss"}
 _BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding"})
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+# Where a template's request id goes: no client header, route header or identity value has
+# a NUL (llhttp and PostgreSQL refuse them; a config value that has one gets no template).
+REQUEST_ID_MARK: Final = "\x00request-id\x00"
+_REQUEST_ID_MARK_BYTES: Final = REQUEST_ID_MARK.encode()
 
 
 class RequestView(Protocol):
@@ -124,6 +129,38 @@ async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[b
         if seen > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         yield chunk
+
+
+class UpstreamTemplate:
+    """A bodyless request's upstream head for one client's headers, runtime, route and
+    identity, with a place for each request's line and request id (``Forwarder.template``).
+    """
+
+    __slots__ = ("after", "before", "identity", "origin", "route", "rt")
+
+    def __init__(
+        self,
+        rt: Runtime,
+        route: Route,
+        identity: Identity | None,
+        origin: str,
+        before: bytes,
+        after: bytes,
+    ) -> None:
+        self.rt = rt
+        self.route = route
+        self.identity = identity
+        self.origin = origin
+        self.before = before
+        self.after = after
+
+    def fits(self, rt: Runtime, route: Route, identity: Identity | None) -> bool:
+        return self.rt is rt and self.route is route and self.identity is identity
+
+    def head(self, method: str, target: str, request_id: str) -> bytes:
+        """The head ``prepare`` and ``UpstreamPool.send`` would make: the request id is a
+        header policy's sane one or a new hex one, so it needs no further check."""
+        return request_line(method, target) + self.before + request_id.encode() + self.after
 
 
 class Forwarder:
@@ -213,6 +250,26 @@ class Forwarder:
         cut = url.find("/", url.find("://") + 3)
         items = self.request_items(request, rt, route, identity, request_id, base)
         return url[:cut], url[cut:], items
+
+    def template(
+        self,
+        request: RequestView,
+        rt: Runtime,
+        route: Route,
+        identity: Identity | None,
+        base: list[tuple[str, str]] | None = None,
+    ) -> UpstreamTemplate | None:
+        """``prepare``'s headers for every request of a client that repeats its headers, as
+        one head with a place for the request line and id; None when each request needs its
+        own (a signed assertion changes over time)."""
+        if self.signer is not None:
+            return None
+        items = self.request_items(request, rt, route, identity, REQUEST_ID_MARK, base)
+        origin = rt.routes.origin(route)
+        parts = self.pool.header_block(origin, items).split(_REQUEST_ID_MARK_BYTES)
+        if len(parts) != 2:
+            return None
+        return UpstreamTemplate(rt, route, identity, origin, parts[0], parts[1])
 
     def response_headers(
         self,

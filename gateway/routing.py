@@ -274,5 +274,13 @@ class RouteTable:
 
     def upstream_url(self, route: Route, path: str, query: str) -> str:
         """The full upstream URL, still percent-encoded exactly as the client sent it."""
-        url = self._forward[route.name].origin + self.forward_path(route, path)
-        return f"{url}?{query}" if query else url
+        return self.origin(route) + self.upstream_target(route, path, query)
+
+    def origin(self, route: Route) -> str:
+        """``scheme://host:port`` of the route's upstream."""
+        return self._forward[route.name].origin
+
+    def upstream_target(self, route: Route, path: str, query: str) -> str:
+        """The request target sent upstream: ``forward_path`` and the client's query."""
+        target = self.forward_path(route, path)
+        return f"{target}?{query}" if query else target

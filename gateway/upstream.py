@@ -70,6 +70,7 @@ __all__ = [
     "Relay",
     "UpstreamPool",
     "UpstreamResponse",
+    "request_line",
 ]
 
 DEFAULT_MAX_IDLE: Final = 100  # idle keep-alive connections kept per origin
@@ -372,7 +373,23 @@ def _head(
     chunked: bool,
     length: int | None,
 ) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    return request_line(method, target) + _header_block(headers, host, chunked, length)
+
+
+def request_line(method: str, target: str) -> bytes:
+    """A request head's first line. A space, CR or LF in the target would make it another
+    request line (llhttp refuses them in a client's target: this is the last guard)."""
+    if " " in target or "\r" in target or "\n" in target:
+        raise ValueError("a space, CR or LF in the target")
+    return f"{method} {target} HTTP/1.1\r\n".encode(_ENCODING, _ERRORS)
+
+
+def _header_block(
+    headers: list[tuple[str, str]], host: str, chunked: bool, length: int | None
+) -> bytes:
+    """A request head after its first line: the headers (``Host`` added when missing,
+    the framing ours), then the blank line."""
+    lines = []
     has_host = False
     for name, value in headers:
         size = len(name)
@@ -391,11 +408,11 @@ def _head(
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append("\r\n")
     text = "".join(lines)
-    # Each line ends in the one CRLF put there above: a CR or LF inside a value would
-    # smuggle a header or a request, a space in the target a different request line.
+    # Each line ends in the one CRLF put there above: a CR or LF inside a name or value
+    # would smuggle a header or a request.
     breaks = len(lines)
-    if text.count("\n") != breaks or text.count("\r") != breaks or " " in target:
-        raise ValueError("a CR or LF in a header, or a space in the target")
+    if text.count("\n") != breaks or text.count("\r") != breaks:
+        raise ValueError("a CR or LF in a header")
     return text.encode(_ENCODING, _ERRORS)
 
 
@@ -693,10 +710,36 @@ class UpstreamPool:
         read_timeout: float,
     ) -> Exchange:
         """Send one bodyless request; its answer goes to ``relay`` (see ``Relay``)."""
+        head = request_line(method, target) + self.header_block(origin, headers)
+        return self.send_head(
+            origin,
+            method,
+            head,
+            relay,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+
+    def header_block(self, origin: str, headers: list[tuple[str, str]]) -> bytes:
+        """A bodyless request's head after its first line, as ``send`` sends it to
+        ``origin``: for a caller that sends many requests with these headers."""
+        site = self._origins.get(origin) or self._origin(origin)
+        return _header_block(headers, site.host_header, False, None)
+
+    def send_head(
+        self,
+        origin: str,
+        method: str,
+        head: bytes,
+        relay: Relay,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Exchange:
+        """``send`` with the head already made: ``request_line`` + ``header_block``."""
         if self._closed:
             raise RuntimeError("the upstream pool is closed")
         site = self._origins.get(origin) or self._origin(origin)
-        head = _head(method, target, headers, site.host_header, False, None)
         exchange = Exchange(self, site, head, method, relay, connect_timeout, read_timeout)
         conn = self._checkout(site)
         if conn is None:
