@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -238,3 +239,135 @@ async def test_idle_keep_alive_connections_are_closed(
             writer.close()
     finally:
         await server.close()
+
+
+@pytest.fixture
+def answering_upstream(raw_server: StartRaw) -> Callable[[], Awaitable[tuple[str, list[bytes]]]]:
+    """An upstream answering ``UPSTREAM_ANSWERS[case]`` for a path ending in ``/case``; its
+    URL and the heads it received, in order."""
+
+    async def start() -> tuple[str, list[bytes]]:
+        heads: list[bytes] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    heads.append(head)
+                    target = head.split(b" ", 2)[1].decode()
+                    answer = UPSTREAM_ANSWERS[target.partition("?")[0].rpartition("/")[2]]
+                    writer.write(answer)
+                    await writer.drain()
+                    if b"Connection: close" in answer:
+                        break
+            writer.close()
+
+        return await raw_server(handle), heads
+
+    return start
+
+
+# One keep-alive connection whose headers never change: after the first request the front
+# end answers from its per-connection templates (gateway.front's _Memo and _Answer).
+REPEATED = [
+    ("GET", "/api/jobs/json"),
+    ("GET", "/api/jobs/json?page=2"),
+    ("HEAD", "/api/jobs/json"),
+    ("GET", "/public/json"),  # the same upstream answer, no identity: no token expiry
+    ("GET", "/api/jobs/no-content-type"),
+    ("GET", "/api/jobs/204"),
+    ("GET", "/api/jobs/chunked"),
+    ("GET", "/api/jobs/hop-by-hop"),
+    ("GET", "/api/jobs/json"),
+    ("GET", "/nowhere"),  # a 404 from the gateway itself
+    ("GET", "/api/jobs/empty-reason"),
+    ("GET", "/api/jobs/json"),
+    ("GET", "/api/jobs/json"),  # the same answer, but the last: Connection: close
+]
+
+
+async def test_a_client_repeating_its_headers_gets_what_aiohttp_sends(
+    answering_upstream: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    serve_both: Callable[[Config], Awaitable[tuple[int, int]]],
+    db: object,
+) -> None:
+    url, heads = await answering_upstream()
+    cfg = gateway_config(url)
+    _, token, _ = await Seeder(cfg, db).user_with_token("full_user")  # type: ignore[arg-type]
+    ports = await serve_both(cfg)
+    sent = [REQUEST_ID, ("Authorization", f"Bearer {token}"), ("User-Agent", "repeat")]
+    data = b"".join(
+        build_request(method, target, sent, close=index == len(REPEATED) - 1)
+        for index, (method, target) in enumerate(REPEATED)
+    )
+    methods = tuple(method.encode() for method, _ in REPEATED)
+    front = await exchange(ports[0], data, methods=methods)
+    forwarded = len(heads)
+    plain = await exchange(ports[1], data, methods=methods)
+    assert [comparable(r) for r in front] == [comparable(r) for r in plain]
+    assert [r.status for r in front] == [
+        200,
+        200,
+        200,
+        200,
+        200,
+        204,
+        200,
+        200,
+        200,
+        404,
+        418,
+        200,
+        200,
+    ]
+    assert [r.header("X-Request-Id") for r in front] == ["parity-1"] * len(REPEATED)
+    assert heads[:forwarded] == heads[forwarded:]  # the upstream got the same heads, byte for byte
+    assert [h.split(b"\r\n", 1)[0] for h in heads[:forwarded]] == [
+        f"{method} {target} HTTP/1.1".encode()
+        for method, target in REPEATED
+        if target != "/nowhere"
+    ]
+
+
+async def test_each_repeated_request_gets_its_own_request_id(
+    answering_upstream: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    serve_both: Callable[[Config], Awaitable[tuple[int, int]]],
+) -> None:
+    url, heads = await answering_upstream()
+    front_port, _ = await serve_both(gateway_config(url))
+    count = 4
+    data = b"".join(
+        build_request("GET", "/public/json", close=index == count - 1) for index in range(count)
+    )
+    answers = await exchange(front_port, data)
+    ids = [answer.header("X-Request-Id") for answer in answers]
+    assert len(set(ids)) == count
+    assert all(value is not None and re.fullmatch("[0-9a-f]{32}", value) for value in ids)
+    sent = [dict(line.split(": ", 1) for line in h.decode().split("\r\n")[1:-2]) for h in heads]
+    assert [s["X-Request-Id"] for s in sent] == ids
+    assert all(answer.header("Date") for answer in answers)
+    # apart from its id, each head is the first one
+    assert len({h.replace(i.encode(), b"") for h, i in zip(heads, ids, strict=True)}) == 1  # type: ignore[union-attr]
+
+
+async def test_a_reason_that_looks_like_a_template_mark_is_relayed_as_is(
+    raw_upstream: Start, serve_both: Callable[[Config], Awaitable[tuple[int, int]]]
+) -> None:
+    """A NUL is allowed in an upstream's reason phrase: it must not be taken for the place
+    of the request id or the Date in the front end's answer template."""
+    reason = b"a\x00request-id\x00b\x00date\x00c"
+    front_port, _ = await serve_both(
+        gateway_config(
+            await raw_upstream(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 0\r\n\r\n")
+        )
+    )
+    data = build_request("GET", "/public/a", close=False) + build_request("GET", "/public/b")
+    answers = await exchange(front_port, data)
+    assert [answer.reason for answer in answers] == [reason.decode()] * 2
+    ids = [answer.header("X-Request-Id") for answer in answers]
+    assert ids[0] != ids[1]
+    assert all(value is not None and re.fullmatch("[0-9a-f]{32}", value) for value in ids)
+    assert all(
+        re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT", answer.header("Date") or "")
+        for answer in answers
+    )
