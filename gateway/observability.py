@@ -95,13 +95,13 @@ class RequestMetrics(Collector):
     counted in plain dicts per request, turned into Prometheus families on scrape."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.requests: dict[tuple[str, str, int], int] = {}  # by route, method class, status
         self.auth: dict[str, int] = {}
         self.gateway: dict[str, _Histogram] = {}
         self.upstream: dict[str, _Histogram] = {}
 
     def count(self, route: str, method: str, status: int) -> None:
-        key = (route, method_class(method), str(status))
+        key = (route, METHOD_CLASSES.get(method, "write"), status)  # method_class, inlined
         self.requests[key] = self.requests.get(key, 0) + 1
 
     @staticmethod
@@ -118,8 +118,8 @@ class RequestMetrics(Collector):
             "Requests by route, method class and status",
             labels=["route", "method", "status"],
         )
-        for labels, value in list(self.requests.items()):
-            requests.add_metric(list(labels), value)
+        for (route, method, status), value in list(self.requests.items()):
+            requests.add_metric([route, method, str(status)], value)
         yield requests
         auth = CounterMetricFamily(
             "patgate_auth", "Authentication and authorization outcomes", labels=["outcome"]

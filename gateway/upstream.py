@@ -109,6 +109,9 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[bool] | None = None
         self.exchange: Exchange | None = None  # set while UpstreamPool.send uses it
         self.last_read = 0.0  # loop time of the last bytes received, for an Exchange's timer
+        # That timer: kept across exchanges, re-armed only when it would fire too late.
+        self.watch: asyncio.TimerHandle | None = None
+        self.watch_at = 0.0
         self.start(b"", False, 0.0, write=False)
 
     def start(self, head: bytes, is_head: bool, read_timeout: float, *, write: bool = True) -> None:
@@ -168,6 +171,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.writable.set()
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
         if not self.headers_done:
             self._fail(UpstreamUnavailable("the upstream closed the connection before answering"))
         elif not self.complete and self.error is None:
@@ -264,6 +270,22 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # -- the consumer's side ------------------------------------------------------------------
+
+    def watch_until(self, deadline: float) -> None:
+        """Have the exchange's timer (``Exchange.expired``) fire by ``deadline`` (loop time).
+        A timer set for an earlier exchange fires sooner and re-arms for what is left, so
+        a busy connection creates a timer about once per read timeout, not per request."""
+        watch = self.watch
+        if watch is None or self.watch_at > deadline:
+            if watch is not None:
+                watch.cancel()
+            self.watch = self.loop.call_at(deadline, self._watched)
+            self.watch_at = deadline
+
+    def _watched(self) -> None:
+        self.watch = None
+        if self.exchange is not None:
+            self.exchange.expired()
 
     def _hold(self) -> None:
         self.reading_paused = True
@@ -478,9 +500,10 @@ class Relay(Protocol):
 class Exchange:
     """One bodyless request sent by ``UpstreamPool.send``, its answer relayed by callbacks.
 
-    One timer per exchange watches ``read_timeout`` of upstream silence: when it fires it
-    re-arms for what is left since the last bytes received, so no per-chunk timer work.
-    While the relay has paused reading (its client is slow), silence is not counted.
+    A timer watches ``read_timeout`` of upstream silence: when it fires it re-arms for what
+    is left since the last bytes received, so no per-chunk timer work, and it stays with the
+    connection for the next exchange (``_Connection.watch_until``). While the relay has
+    paused reading (its client is slow), silence is not counted.
     """
 
     __slots__ = (
@@ -496,7 +519,6 @@ class Exchange:
         "relay",
         "retry",
         "site",
-        "timer",
     )
 
     def __init__(
@@ -519,7 +541,6 @@ class Exchange:
         self.read_timeout = read_timeout
         self.conn: _Connection | None = None
         self.connecting: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.ended = False
         self.paused = False  # the relay asked not to read: applies to every connection used
 
@@ -527,8 +548,8 @@ class Exchange:
         self.conn = conn
         conn.exchange = self
         conn.start(self.head, self.is_head, self.read_timeout)
-        conn.last_read = conn.loop.time()
-        self.timer = conn.loop.call_later(self.read_timeout, self._expired)
+        now = conn.last_read = conn.loop.time()
+        conn.watch_until(now + self.read_timeout)
         if self.paused:
             self.pause_reading()
 
@@ -578,25 +599,24 @@ class Exchange:
                 error = UpstreamUnavailable(str(error))
         self.relay.upstream_failed(error)
 
-    def _expired(self) -> None:
+    def expired(self) -> None:
+        """The connection's timer fired: fail if the upstream was silent too long, else have
+        it fire again when it could be."""
         conn = self.conn
         if conn is None or self.ended:
             return
-        loop = conn.loop
+        now = conn.loop.time()
         if conn.reading_paused:  # the client is slow, not the upstream
-            self.timer = loop.call_later(self.read_timeout, self._expired)
+            conn.watch_until(now + self.read_timeout)
             return
-        left = conn.last_read + self.read_timeout - loop.time()
+        left = conn.last_read + self.read_timeout - now
         if left > 0:
-            self.timer = loop.call_later(left, self._expired)
+            conn.watch_until(now + left)
             return
         self.fail(UpstreamTimeout(f"the upstream did not answer within {self.read_timeout:g}s"))
 
     def _detach(self) -> None:
         self.ended = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.conn is not None:
             self.conn.exchange = None
 
