@@ -151,6 +151,7 @@ class _Memo:
         "block",
         "headers",
         "host",
+        "last",
         "request_id",
         "request_id_policy",
         "route_for",
@@ -163,6 +164,7 @@ class _Memo:
         self.block = block  # the head after the request line, as received
         self.headers = headers
         self.host: str = headers["Host"]
+        self.last: _Line | None = None  # the last request line with these headers
         self.request_id: str | None = None  # the client's sane request id, under ...
         self.request_id_policy: object = None  # ... this HeaderPolicy
         self.base: list[tuple[str, str]] = []  # Forwarder.base_items, for ...
@@ -217,6 +219,22 @@ class _Answer:
             return self.before + request_id.encode() + self.between
         date = rfc822_formatted_time().encode()
         return self.before + request_id.encode() + self.between + date + self.after
+
+
+class _Line:
+    """A memo's last request line and what it came to, for a client that sends the very same
+    head again (a poll): the request, read-only once made, is shared by both."""
+
+    __slots__ = ("keep_alive", "line", "path", "query", "request")
+
+    def __init__(
+        self, line: bytes, request: FrontRequest, path: str, query: str, keep_alive: bool
+    ) -> None:
+        self.line = line
+        self.request = request
+        self.path = path
+        self.query = query
+        self.keep_alive = keep_alive
 
 
 class _QuickReader:
@@ -379,10 +397,19 @@ class FrontProtocol(asyncio.Protocol):
             self.hand_off()
             return False
         # The bytes after the request line: the previous request's? (see _Memo)
-        block = buffer[buffer.find(b"\r\n") : end]
+        line_end = buffer.find(b"\r\n")
+        block = buffer[line_end:end]
         memo = self._memo
         if memo is not None and block == memo.block:
             memo.used = True
+            last = memo.last
+            if last is not None and last.line == buffer[:line_end]:
+                # The whole head repeats: llhttp accepted these very bytes last time.
+                self.buffer = buffer[end:]
+                self.busy = True
+                self.keep_alive = last.keep_alive
+                self.begin(last.request, last.path, last.query, memo)
+                return True
             parser = self.quick.parser
             headers, host = memo.headers, memo.host
             if not self.quick.read(buffer[:end]):
@@ -410,6 +437,7 @@ class FrontProtocol(asyncio.Protocol):
         self.buffer = buffer[end:]
         method = parser.get_method().decode(_ENCODING, _ERRORS)
         request = FrontRequest(method, target, headers, host, self.remote)
+        memo.last = _Line(buffer[:line_end], request, path, query, keep_alive)
         self.busy = True
         self.keep_alive = keep_alive
         self.begin(request, path, query, memo)

@@ -19,8 +19,16 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Config
-from tests.conftest import RecordingUpstream, Seeder, StartRaw, gateway_config
-from tests.security.rawhttp import RawResponse, build_request, exchange
+from gateway.keys import LISTENER
+from gateway.lifecycle import OPERATOR
+from tests.conftest import (
+    GatewayFactory,
+    RecordingUpstream,
+    Seeder,
+    StartRaw,
+    gateway_config,
+)
+from tests.security.rawhttp import RawResponse, build_request, exchange, read_response
 from tests.servers import GatewayTestServer
 
 REQUEST_ID = ("X-Request-Id", "parity-1")  # a sane client id is kept: both answers carry it
@@ -271,7 +279,9 @@ def answering_upstream(raw_server: StartRaw) -> Callable[[], Awaitable[tuple[str
 # end answers from its per-connection templates (gateway.front's _Memo and _Answer).
 REPEATED = [
     ("GET", "/api/jobs/json"),
+    ("GET", "/api/jobs/json"),  # the whole head again: a poll
     ("GET", "/api/jobs/json?page=2"),
+    ("HEAD", "/api/jobs/json"),
     ("HEAD", "/api/jobs/json"),
     ("GET", "/public/json"),  # the same upstream answer, no identity: no token expiry
     ("GET", "/api/jobs/no-content-type"),
@@ -305,21 +315,7 @@ async def test_a_client_repeating_its_headers_gets_what_aiohttp_sends(
     forwarded = len(heads)
     plain = await exchange(ports[1], data, methods=methods)
     assert [comparable(r) for r in front] == [comparable(r) for r in plain]
-    assert [r.status for r in front] == [
-        200,
-        200,
-        200,
-        200,
-        200,
-        204,
-        200,
-        200,
-        200,
-        404,
-        418,
-        200,
-        200,
-    ]
+    assert [r.status for r in front] == [200] * 7 + [204, 200, 200, 200, 404, 418, 200, 200]
     assert [r.header("X-Request-Id") for r in front] == ["parity-1"] * len(REPEATED)
     assert heads[:forwarded] == heads[forwarded:]  # the upstream got the same heads, byte for byte
     assert [h.split(b"\r\n", 1)[0] for h in heads[:forwarded]] == [
@@ -371,3 +367,34 @@ async def test_a_reason_that_looks_like_a_template_mark_is_relayed_as_is(
         re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT", answer.header("Date") or "")
         for answer in answers
     )
+
+
+async def test_a_poll_repeating_its_whole_head_is_still_authenticated_each_time(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, db: object
+) -> None:
+    """The same bytes on one connection skip llhttp, never the token: a revocation that
+    arrives between two polls refuses the next one."""
+    cfg = gateway_config(upstream.url, cache={"ttl": "1h"})
+    seed = Seeder(cfg, db)  # type: ignore[arg-type]
+    _, token, token_id = await seed.user_with_token()
+    client = await make_gateway(cfg)
+    listener = client.app[LISTENER]
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    poll = build_request("GET", "/api/jobs/1", [("Authorization", f"Bearer {token}")], close=False)
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            statuses = []
+            for _ in range(2):
+                writer.write(poll)
+                statuses.append((await read_response(reader)).status)
+            listener.notified.clear()
+            await seed.service.revoke(OPERATOR, token_id)
+            await asyncio.wait_for(listener.notified.wait(), 10)
+            writer.write(poll)
+            answer = await read_response(reader)
+        finally:
+            writer.close()
+    assert statuses == [200, 200]
+    assert answer.status == 401
+    assert [r.raw_path for r in upstream.received] == ["/api/jobs/1", "/api/jobs/1"]

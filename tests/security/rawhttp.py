@@ -110,6 +110,13 @@ async def _read_response(reader: asyncio.StreamReader, method: bytes) -> RawResp
     return RawResponse(status, reason[0] if reason else "", headers, body)
 
 
+async def read_response(reader: asyncio.StreamReader, method: bytes = b"GET") -> RawResponse:
+    """The next response on a connection the caller keeps."""
+    response = await _read_response(reader, method)
+    assert response is not None, "the server closed the connection"
+    return response
+
+
 async def exchange(
     port: int,
     data: bytes,

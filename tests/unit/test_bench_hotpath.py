@@ -10,6 +10,7 @@ async def test_every_row_is_answered_as_the_gateway_answers_it() -> None:
     assert [label for label, _, _ in results] == [
         "public route",
         "hot PAT",
+        "hot PAT, a different path each time",
         "hot PAT, a different cached token each time",
         "bad checksum (401)",
     ]
