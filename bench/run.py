@@ -6,10 +6,10 @@ core and is the only thing measured; the upstream and PostgreSQL cost the same f
 server. Two exceptions: "upstream direct" moves the upstream to core 0 for its own row, and
 ``--workers 2`` leaves patgate unpinned (its two processes compete with core 1's tenants).
 
-Order: upstream direct; nginx; one patgate process for public, hot, cold, bad-checksum and
-unknown tokens; patgate ``--workers 2`` (hot); a fresh patgate for memory with 100,000
-cached identities. Everything started is stopped, and the temporary directory removed, on
-success, error, SIGTERM or Ctrl-C.
+Order: upstream direct; nginx; one patgate process for public, hot (one head, then a new
+path each request), cold, bad-checksum and unknown tokens; patgate ``--workers 2`` (hot); a
+fresh patgate for memory with 100,000 cached identities. Everything started is stopped, and
+the temporary directory removed, on success, error, SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -325,6 +325,13 @@ class Bench:
                 report.PUBLIC, "patgate public route", wrk.Load(PUBLIC_PATH), queries=no_queries
             ),
             Scenario(report.HOT, "patgate hot PAT", wrk.Load(API_PATH, bearer), queries=no_queries),
+            Scenario(
+                report.HOT_PATHS,
+                "patgate hot PAT, a new path each request",
+                wrk.Load(API_PATH, bearer, vary_path=True),
+                queries=no_queries,
+                note="the same headers, the path /api/bench/1, /2, ...: an API client",
+            ),
             Scenario(
                 report.COLD,
                 f"patgate cold PATs ({cold:,} distinct)",

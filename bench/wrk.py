@@ -7,7 +7,8 @@ statuses). With ``stop_after``, the thread stops once that many responses arrive
 with a monotonic clock through LuaJIT's FFI, and says so on stderr; the bench then sends
 wrk SIGINT, which makes it report at once instead of sitting out the rest of ``-d``.
 Static runs (``headers`` only) leave ``request`` undefined, so wrk sends one pre-built
-request, its fastest mode.
+request, its fastest mode. A run with ``vary_path`` sends the same headers with a new path
+each time (``path/1``, ``path/2``, ...), as an API client does, and counts statuses too.
 """
 
 from __future__ import annotations
@@ -92,20 +93,40 @@ end
 """
 
 
+_PATHS = """
+counts, sent, received = {{}}, 0, 0
+local path = {path}
+
+function request()
+  sent = sent + 1
+  return wrk.format(nil, path .. "/" .. sent)
+end
+
+function response(status, headers, body)
+  received = received + 1
+  counts[status] = (counts[status] or 0) + 1
+end
+"""
+
+
 def lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua string literal here
 
 
 @dataclass
 class Load:
-    """What to send: a path, static headers, or a token list cycled through."""
+    """What to send: a path, static headers, or a token list cycled through; or static
+    headers with a new path under ``path`` each time (``vary_path``)."""
 
     path: str
     headers: dict[str, str] = field(default_factory=dict)
     token_file: Path | None = None
     stop_after: int = 0  # with token_file: stop after this many responses (0 = run -d long)
+    vary_path: bool = False
 
     def script(self) -> str:
+        if self.vary_path:
+            return _PATHS.format(path=lua_string(self.path)) + _DONE
         if self.token_file is None:
             return _DONE
         listing = _LIST.format(
