@@ -7,10 +7,11 @@ indexed query shared by every concurrent request for the same token.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from gateway import store
 from gateway.cache import IdentityCache
@@ -81,8 +82,25 @@ def failure_of(row: TokenRow | None, now: datetime) -> Failure | None:
     return None
 
 
+_SHARED_MAX: Final = 4096  # distinct permission sets kept shared: tokens scoped every which way
+_shared_permissions: dict[frozenset[str], tuple[frozenset[str], str]] = {}
+
+
+def _shared(permissions: frozenset[str]) -> tuple[frozenset[str], str]:
+    """One set and one header value for every identity with these permissions: the cache
+    holds up to ``cache.max_entries`` identities, and most share their role's set."""
+    shared = _shared_permissions.get(permissions)
+    if shared is None:
+        if len(_shared_permissions) >= _SHARED_MAX:
+            _shared_permissions.clear()
+        shared = _shared_permissions[permissions] = (permissions, header_value(permissions))
+    return shared
+
+
 def identity_of(row: TokenRow, roles: Mapping[str, frozenset[str]]) -> Identity:
-    permissions = token_permissions(row, roles)
+    """The identity of a stored token. Values that many identities repeat (the owner, the
+    company, the role, the permissions) are shared, not copied per token."""
+    permissions, permissions_header = _shared(token_permissions(row, roles))
     # The token's role names it only when the token really has all of that role's
     # permissions; a role stripped down to fit its owner is reported as the owner's role.
     role = row.owner_role
@@ -92,11 +110,11 @@ def identity_of(row: TokenRow, roles: Mapping[str, frozenset[str]]) -> Identity:
         role = row.role
     return Identity(
         token_id=str(row.id),
-        user_id=row.user_id,
-        company_id=row.company_id,
-        role=role,
+        user_id=sys.intern(row.user_id),
+        company_id=sys.intern(row.company_id),
+        role=sys.intern(role),
         permissions=permissions,
-        permissions_header=header_value(permissions),
+        permissions_header=permissions_header,
         expires_at=row.expires_at,
         expires_header=rfc3339(row.expires_at) if row.expires_at is not None else None,
     )
@@ -192,7 +210,7 @@ class Authenticator:
             key,
             identity,
             token_id=identity.token_id,
-            user_id=row.user_id,
+            user_id=identity.user_id,
             lifetime=lifetime,
             since=since,
         )

@@ -194,6 +194,24 @@ def test_identity_carries_the_row_ids() -> None:
     assert identity.company_id == "c-9"
 
 
+def test_identities_share_what_they_repeat_instead_of_copying_it() -> None:
+    """The cache holds up to 100,000 identities (SPEC §12 memory): tokens of one owner and
+    role hold one copy of the ids, the role, the permission set and its header."""
+    # Values made at run time, as a database driver makes them: equal, not the same objects.
+    owner = "".join(["u-", "shared"])
+    first, second = (
+        identity_of(token_row(id=uuid4(), user_id="".join(["u-", "shared"])), ROLES)
+        for _ in range(2)
+    )
+    assert first.token_id != second.token_id
+    assert first.user_id == owner
+    for name in ("user_id", "company_id", "role", "permissions", "permissions_header"):
+        assert getattr(first, name) is getattr(second, name), name
+    scoped = identity_of(token_row(id=uuid4(), scopes=["jobs:read"]), ROLES)
+    assert scoped.permissions == frozenset({"jobs:read"})
+    assert scoped.permissions is not first.permissions
+
+
 def test_unscoped_token_has_the_owners_role_permissions() -> None:
     identity = identity_of(token_row(scopes=None, owner_role="full_user"), ROLES)
 
