@@ -19,9 +19,20 @@ as above. The connection stays aiohttp's once handed over.
 
 A keep-alive client usually sends the same headers on every request. When the bytes after
 the request line are the previous request's, llhttp still checks the whole head, but what
-depends on the headers alone (their multidict, the client's request id, the cleaned and
-``X-Forwarded-*`` headers for a route) is reused from that request (``_Memo``): a cache of
-pure functions of those bytes, kept per connection, never shared between clients.
+depends on the headers alone is reused from that request (``_Memo``): their multidict, the
+client's request id, the token's cache key, the route for the last path, and the upstream
+head for a runtime, route and identity, made once with a place for each request's line and
+id (``UpstreamTemplate``). When the request line repeats too (a client polling one URL),
+the parse of that line is reused as well: llhttp accepted those very bytes before. Every
+request is still routed for its runtime and authenticated against the cache, and gets its
+own request id. These are caches of pure functions of the bytes received, kept per
+connection, never shared between clients; what pays off only when headers repeat waits for
+a second request with them.
+
+The answer's head is kept the same way (``_Answer``): when the upstream's status and
+headers are the previous answer's on this connection (and the runtime, the token's expiry,
+HEAD and keep-alive are too), the client's head is the previous one with this request's id
+and ``Date``.
 
 What the client gets is what aiohttp's server would send: the same status line, headers
 (``Date``, ``Server``, ``Content-Type`` defaulted as aiohttp does), framing (the upstream's

@@ -33,10 +33,6 @@ METHOD_CLASSES = {"GET": "read", "HEAD": "read", "OPTIONS": "read"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-def method_class(method: str) -> str:
-    return METHOD_CLASSES.get(method, "write")
-
-
 class StatsCollector(Collector):
     """Numbers that already live elsewhere (cache stats, pool, usage buffer), read on scrape."""
 
@@ -101,7 +97,7 @@ class RequestMetrics(Collector):
         self.upstream: dict[str, _Histogram] = {}
 
     def count(self, route: str, method: str, status: int) -> None:
-        key = (route, METHOD_CLASSES.get(method, "write"), status)  # method_class, inlined
+        key = (route, METHOD_CLASSES.get(method, "write"), status)  # status labelled on scrape
         self.requests[key] = self.requests.get(key, 0) + 1
 
     @staticmethod

@@ -27,9 +27,11 @@ upstream silence (before the status line, between chunks, not reading our body) 
 
 Two ways to use it. ``UpstreamPool.request`` is a coroutine returning an ``UpstreamResponse``
 whose body is iterated: the aiohttp server's path (request bodies, anything unusual).
-``UpstreamPool.send`` is the front end's (``gateway.front``): a bodyless request whose answer
-is delivered by callbacks to a ``Relay`` as llhttp parses it, with no task, future or timer
-per chunk, and a pooled connection returned to the pool the moment its answer is complete.
+``UpstreamPool.send`` (or ``send_head``, with the head already made) is the front end's
+(``gateway.front``): a bodyless request whose answer is delivered by callbacks to a
+``Relay`` as llhttp parses it, with no task or future, no timer per request or chunk (the
+silence timer stays with the connection), and a pooled connection returned to the pool the
+moment its answer is complete.
 Both share the connections, the parsing, the framing and the faults below.
 
 Stale connections: the upstream may close a pooled connection while it is idle. A request

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import create_app
-from gateway.config import Config
+from gateway.app import create_app, reload
+from gateway.config import Config, parse_config
 from gateway.keys import LISTENER
 from gateway.lifecycle import OPERATOR
 from tests.conftest import (
@@ -27,6 +27,7 @@ from tests.conftest import (
     Seeder,
     StartRaw,
     gateway_config,
+    gateway_config_data,
 )
 from tests.security.rawhttp import RawResponse, build_request, exchange, read_response
 from tests.servers import GatewayTestServer
@@ -398,3 +399,41 @@ async def test_a_poll_repeating_its_whole_head_is_still_authenticated_each_time(
     assert statuses == [200, 200]
     assert answer.status == 401
     assert [r.raw_path for r in upstream.received] == ["/api/jobs/1", "/api/jobs/1"]
+
+
+async def test_a_reload_between_two_polls_applies_to_the_next_one(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, db: object
+) -> None:
+    """What a connection remembers is for one runtime: after a reload, the same head is
+    routed, authorized and forwarded under the new configuration."""
+    data = gateway_config_data(upstream.url)
+    cfg = parse_config(data)
+    seed = Seeder(cfg, db)  # type: ignore[arg-type]
+    user_id, token, _ = await seed.user_with_token("full_user")
+    client = await make_gateway(cfg)
+    poll = build_request("GET", "/api/jobs/1", [("Authorization", f"Bearer {token}")], close=False)
+    renamed = parse_config({**data, "identity_headers": {"user_id": "X-Who"}})
+    stricter = parse_config(
+        {
+            **data,
+            "routes": [
+                {**r, "require": ["users:admin"]} if r["name"] == "jobs-read" else r
+                for r in data["routes"]
+            ],
+        }
+    )
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            statuses = []
+            for cfg_next in (None, renamed, stricter):
+                if cfg_next is not None:
+                    reload(client.app, cfg_next)
+                writer.write(poll)
+                statuses.append((await read_response(reader)).status)
+        finally:
+            writer.close()
+    assert statuses == [200, 200, 403]
+    first, second = upstream.received
+    assert (first.all("X-Auth-User-Id"), first.all("X-Who")) == ([user_id], [])
+    assert (second.all("X-Auth-User-Id"), second.all("X-Who")) == ([], [user_id])
