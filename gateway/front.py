@@ -71,6 +71,7 @@ from gateway.handler import (
     NO_ROUTE,
     PENDING,
     RESERVED_PREFIX,
+    Admission,
     GatewayHandler,
     access_fields,
     new_request_id,
@@ -157,6 +158,7 @@ class _Memo:
     """What one connection's last full parse found, for requests that repeat its headers."""
 
     __slots__ = (
+        "admission",
         "base",
         "base_for",
         "block",
@@ -183,6 +185,7 @@ class _Memo:
         self.route_for: tuple[Runtime, str, str, Route] | None = None  # rt, method, path
         self.template: UpstreamTemplate | None = None  # Forwarder.template
         self.token_key: bytes | None = None  # GatewayHandler.token_key: a well-formed token's
+        self.admission = Admission()
         # Set on its second request: what pays off only when the headers repeat waits for it.
         self.used = False
 
@@ -515,7 +518,7 @@ class FrontProtocol(asyncio.Protocol):
             self.label = route.name
             if memo.used and not route.public and memo.token_key is None:
                 memo.token_key = gate.token_key(request)
-            identity = gate.admit_cached(request, rt, route, memo.token_key)
+            identity = gate.admit_cached(request, rt, route, memo.token_key, memo.admission)
             if identity is PENDING:
                 self.task = self.loop.create_task(
                     self._admit(request, rt, route, path, query, memo)

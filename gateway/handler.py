@@ -83,6 +83,20 @@ class Pending(Enum):
 PENDING: Final = Pending.PENDING  # admit_cached: the cache cannot tell, the database must
 
 
+class Admission:
+    """Whom a client that repeats its headers was last admitted as, to which route (the
+    front end keeps one per connection): while the cache returns that very identity for the
+    same runtime and route, the permission check stands; the use is still recorded."""
+
+    __slots__ = ("client", "identity", "route", "rt")
+
+    def __init__(self) -> None:
+        self.rt: Runtime | None = None
+        self.route: Route | None = None
+        self.identity: Identity | None = None
+        self.client = ""
+
+
 def _authorization(request: RequestView) -> str | None:
     authorization = request.headers.getall("Authorization", [])
     if len(authorization) > 1:
@@ -131,10 +145,16 @@ class GatewayHandler:
             raise
 
     def admit_cached(
-        self, request: RequestView, rt: Runtime, route: Route, key: bytes | None = None
+        self,
+        request: RequestView,
+        rt: Runtime,
+        route: Route,
+        key: bytes | None = None,
+        last: Admission | None = None,
     ) -> Identity | Pending | None:
         """``admit`` as far as it goes without awaiting: PENDING when only the database
-        can tell who the token belongs to. ``key``: the request's ``token_key``, if kept."""
+        can tell who the token belongs to. ``key``: the request's ``token_key``, if kept;
+        ``last``: the caller's ``Admission`` for these headers, read and updated."""
         if route.public:
             return None
         authenticator = self.authenticator
@@ -148,7 +168,11 @@ class GatewayHandler:
             raise
         if identity is None:
             return PENDING
-        return self.authorized(request, rt, route, identity)
+        if last is not None and last.identity is identity and last.route is route and last.rt is rt:
+            self.usage.record(identity.token_id, last.client)
+            self.telemetry.auth_outcome("ok")
+            return identity
+        return self.authorized(request, rt, route, identity, last)
 
     async def admit(self, request: RequestView, rt: Runtime, route: Route) -> Identity | None:
         """Authenticate and authorize for ``route``: the decision behind proxying and
@@ -171,7 +195,12 @@ class GatewayHandler:
         return self.authorized(request, rt, route, identity)
 
     def authorized(
-        self, request: RequestView, rt: Runtime, route: Route, identity: Identity
+        self,
+        request: RequestView,
+        rt: Runtime,
+        route: Route,
+        identity: Identity,
+        last: Admission | None = None,
     ) -> Identity:
         client = request_client_ip(request.remote, request.headers, rt.cfg.trusted_proxies)
         self.usage.record(identity.token_id, client)
@@ -179,6 +208,8 @@ class GatewayHandler:
             self.telemetry.auth_outcome("forbidden")
             raise Forbidden("the token lacks a permission this route requires")
         self.telemetry.auth_outcome("ok")
+        if last is not None:
+            last.rt, last.route, last.identity, last.client = rt, route, identity, client
         return identity
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

@@ -437,3 +437,26 @@ async def test_a_reload_between_two_polls_applies_to_the_next_one(
     first, second = upstream.received
     assert (first.all("X-Auth-User-Id"), first.all("X-Who")) == ([user_id], [])
     assert (second.all("X-Auth-User-Id"), second.all("X-Who")) == ([], [user_id])
+
+
+async def test_one_connection_is_authorized_for_each_route_it_asks_for(
+    make_gateway: GatewayFactory, upstream: RecordingUpstream, db: object
+) -> None:
+    """The same headers on one connection, two routes: being let into one says nothing
+    about the other (field_user may read jobs, not invoices)."""
+    cfg = gateway_config(upstream.url)
+    _, token, _ = await Seeder(cfg, db).user_with_token("field_user")  # type: ignore[arg-type]
+    client = await make_gateway(cfg)
+    sent = [("Authorization", f"Bearer {token}")]
+    targets = ["/api/jobs/1", "/api/jobs/1", "/api/invoices/1", "/api/jobs/2", "/api/invoices/1"]
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            statuses = []
+            for target in targets:
+                writer.write(build_request("GET", target, sent, close=False))
+                statuses.append((await read_response(reader)).status)
+        finally:
+            writer.close()
+    assert statuses == [200, 200, 403, 200, 403]
+    assert [r.raw_path for r in upstream.received] == ["/api/jobs/1", "/api/jobs/1", "/api/jobs/2"]
