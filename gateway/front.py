@@ -79,7 +79,7 @@ from gateway.handler import (
 from gateway.keys import Runtime
 from gateway.paths import canonical_path
 from gateway.proxy import REQUEST_ID_MARK, UpstreamTemplate
-from gateway.upstream import Exchange, _Connection, request_line
+from gateway.upstream import Exchange, _Connection
 
 __all__ = ["FrontProtocol", "FrontRequest", "FrontServer", "GatewayRunner"]
 
@@ -550,21 +550,23 @@ class FrontProtocol(asyncio.Protocol):
         assert rt is not None
         self.identity = identity
         forwarder = self.gate.forwarder
-        known = memo.base_for
-        if known is None or known[0] is not rt or known[1] is not route:
-            memo.base = forwarder.base_items(request, rt, route)
-            memo.base_for = (rt, route)
         template = memo.template
-        if memo.used and (template is None or not template.fits(rt, route, identity)):
-            template = memo.template = forwarder.template(request, rt, route, identity, memo.base)
+        if template is None or not template.fits(rt, route, identity):
+            known = memo.base_for
+            if known is None or known[0] is not rt or known[1] is not route:
+                memo.base = forwarder.base_items(request, rt, route)
+                memo.base_for = (rt, route)
+            template = None
+            if memo.used:
+                template = memo.template = forwarder.template(
+                    request, rt, route, identity, memo.base
+                )
         if template is None:
             url = rt.routes.upstream_url(route, path, query)
             origin, target, headers = forwarder.prepare(
                 request, rt, route, url, identity, self.request_id, memo.base
             )
-            head = request_line(request.method, target) + forwarder.pool.header_block(
-                origin, headers
-            )
+            head = forwarder.pool.head(origin, request.method, target, headers)
         else:
             origin = template.origin
             target = rt.routes.upstream_target(route, path, query)

@@ -732,15 +732,18 @@ class UpstreamPool:
         read_timeout: float,
     ) -> Exchange:
         """Send one bodyless request; its answer goes to ``relay`` (see ``Relay``)."""
-        head = request_line(method, target) + self.header_block(origin, headers)
         return self.send_head(
             origin,
             method,
-            head,
+            self.head(origin, method, target, headers),
             relay,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
+
+    def head(self, origin: str, method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+        """The head ``send`` sends: ``request_line`` and ``header_block``."""
+        return request_line(method, target) + self.header_block(origin, headers)
 
     def header_block(self, origin: str, headers: list[tuple[str, str]]) -> bytes:
         """A bodyless request's head after its first line, as ``send`` sends it to

@@ -853,6 +853,24 @@ async def test_send_upstream_silence_past_read_timeout_fails(
     assert recorder.status == (200 if where == "mid-body" else 0)
 
 
+def answers_once_then(
+    second: Callable[[asyncio.StreamWriter], Awaitable[None]],
+) -> Callable[[RawUpstream], RawHandler]:
+    """An upstream that answers "one", then meets the second request on that connection
+    with ``second``."""
+
+    def make(upstream: RawUpstream) -> RawHandler:
+        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await upstream.read_head(r)
+            w.write(answer(b"one"))
+            await upstream.read_head(r)
+            await second(w)
+
+        return handle
+
+    return make
+
+
 async def test_send_times_out_by_its_own_read_timeout_on_a_reused_connection(
     pool: UpstreamPool, serve_raw: StartRaw
 ) -> None:
@@ -860,16 +878,10 @@ async def test_send_times_out_by_its_own_read_timeout_on_a_reused_connection(
     exchange (0.2 s) must have it fire by its own deadline."""
     never = asyncio.Event()
 
-    def make(upstream: RawUpstream) -> RawHandler:
-        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await upstream.read_head(r)
-            w.write(answer(b"one"))
-            await upstream.read_head(r)
-            await never.wait()
+    async def silent_then(w: asyncio.StreamWriter) -> None:
+        await never.wait()
 
-        return handle
-
-    upstream = await serve_raw(make)
+    upstream = await serve_raw(answers_once_then(silent_then))
     first = await relayed(pool, upstream.origin, read_timeout=30.0)
     assert b"".join(first.chunks) == b"one"
     second = await relayed(pool, upstream.origin, read_timeout=0.2)
@@ -883,17 +895,11 @@ async def test_a_short_timeout_of_an_earlier_exchange_does_not_cut_a_later_one(
     """The first exchange's timer (0.2 s) fires during the second (10 s), whose upstream
     takes 0.5 s to answer: it re-arms for the second's deadline instead of failing it."""
 
-    def make(upstream: RawUpstream) -> RawHandler:
-        async def handle(index: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await upstream.read_head(r)
-            w.write(answer(b"one"))
-            await upstream.read_head(r)
-            await asyncio.sleep(0.5)  # the upstream is slow: the scenario is time passing
-            w.write(answer(b"two"))
+    async def slow_then(w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # the upstream is slow: the scenario is time passing
+        w.write(answer(b"two"))
 
-        return handle
-
-    upstream = await serve_raw(make)
+    upstream = await serve_raw(answers_once_then(slow_then))
     first = await relayed(pool, upstream.origin, read_timeout=0.2)
     assert b"".join(first.chunks) == b"one"
     second = await relayed(pool, upstream.origin, read_timeout=10.0)
